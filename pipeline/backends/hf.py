@@ -1,0 +1,210 @@
+"""transformers backend: batched ``generate`` with left padding, in this process."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from typing import Any
+
+from pipeline.backends.base import Backend, Request, RequestRecord
+from pipeline.config import ConfigError, DecodingConfig, HFBackendConfig, ModelConfig
+from pipeline.decoding import hf_generate_kwargs
+from pipeline.measure.timing import Sync, clock, no_sync
+
+
+def torch_dtype(name: str) -> Any:
+    """torch dtype for a config dtype name (``auto`` -> float32 on CPU, bfloat16 on CUDA)."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, name)
+
+
+def torch_device(name: str) -> str:
+    """``auto`` picks CUDA when present; asking for CUDA without it is a config error."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("model.device='cuda' is invalid: torch sees no CUDA device; use cpu")
+    return name
+
+
+def check_attention(attn: str, device: str) -> None:
+    """Fail before loading when the requested attention kernel cannot be had."""
+    if attn != "flash_attention_2":
+        return
+    missing = []
+    if importlib.util.find_spec("flash_attn") is None:
+        missing.append("the flash-attn package")
+    if device != "cuda":
+        missing.append("a CUDA GPU")
+    if missing:
+        raise ConfigError(
+            f"backend.attn_implementation='flash_attention_2' is unavailable: missing "
+            f"{' and '.join(missing)}; use sdpa or sdpa_flash instead"
+        )
+
+
+class _StepClock:
+    """A stopping criterion that never stops: it only timestamps each decoding step.
+
+    transformers calls stopping criteria once per generated position, for greedy, sampling
+    and beam search alike (streamers refuse beam search), so step k's time is when token k
+    of every sequence in the batch exists.
+    """
+
+    def __init__(self, sync: Sync) -> None:
+        self.sync = sync
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        self.times.append(clock(self.sync))
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+class HFBackend(Backend):
+    """In-process transformers generation."""
+
+    name = "hf"
+
+    def __init__(
+        self, model_dir: str, model: ModelConfig, cfg: HFBackendConfig, seed: int
+    ) -> None:
+        self.model_dir = model_dir
+        self.model_cfg = model
+        self.cfg = cfg
+        self.seed = seed
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.device = "cpu"
+        self.sync: Sync = no_sync
+
+    def load(self) -> None:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        self.device = torch_device(self.model_cfg.device)
+        check_attention(self.cfg.attn_implementation, self.device)
+        if self.device == "cuda":
+            self.sync = torch.cuda.synchronize
+        if self.cfg.num_threads:
+            torch.set_num_threads(self.cfg.num_threads)
+        attn = "sdpa" if self.cfg.attn_implementation == "sdpa_flash" else (
+            self.cfg.attn_implementation
+        )
+        dtype = torch_dtype(self.model_cfg.dtype)
+        trust = self.model_cfg.trust_remote_code
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=trust)
+        if self.model_cfg.weights == "random":
+            torch.manual_seed(self.seed)
+            config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=trust)
+            self.model = AutoModelForCausalLM.from_config(
+                config, dtype=dtype, attn_implementation=attn, trust_remote_code=trust
+            )
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                self.model_dir, dtype=dtype, attn_implementation=attn, trust_remote_code=trust,
+                revision=self.model_cfg.revision,
+            )
+        self.model.to(self.device).eval()
+        if self.cfg.compile:
+            self.model.forward = torch.compile(self.model.forward)
+
+    def close(self) -> None:
+        self.model = None
+        self.tokenizer = None
+
+    def _sdpa_context(self) -> Any:
+        if self.cfg.attn_implementation != "sdpa_flash":
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION])
+
+    def generate(
+        self, requests: list[Request], decoding: DecodingConfig, max_new_tokens: int = 32,
+        fixed_length: bool = False,
+    ) -> list[RequestRecord]:
+        """Generate one batch (all ``requests`` padded on the left together)."""
+        import torch
+
+        tok = self.tokenizer
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        eos_ids = self._eos_ids()
+        width = max(len(r.prompt_token_ids) for r in requests)
+        input_ids = torch.full((len(requests), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(requests), width), dtype=torch.long)
+        for i, r in enumerate(requests):
+            n = len(r.prompt_token_ids)
+            input_ids[i, width - n :] = torch.tensor(r.prompt_token_ids, dtype=torch.long)
+            mask[i, width - n :] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        kw = hf_generate_kwargs(decoding, max_new_tokens, fixed_length)
+        if self.cfg.cache_implementation != "dynamic":
+            kw["cache_implementation"] = self.cfg.cache_implementation
+        step_clock = _StepClock(self.sync)
+        torch.manual_seed(self.seed)
+        with torch.inference_mode(), self._sdpa_context():
+            t_start = clock(self.sync)
+            out = self.model.generate(
+                input_ids=input_ids, attention_mask=mask, pad_token_id=pad_id,
+                eos_token_id=sorted(eos_ids), use_cache=self.cfg.use_cache,
+                stopping_criteria=[step_clock], **kw,
+            )
+            t_end = clock(self.sync)
+        records = []
+        for i, r in enumerate(requests):
+            ids = out[i, width:].tolist()
+            ids = _cut_at_eos(ids, eos_ids, keep_all=fixed_length)
+            times = step_clock.times[: len(ids)]
+            records.append(RequestRecord(
+                index=r.index, prompt=r.prompt,
+                text=tok.decode(ids, skip_special_tokens=True),
+                prompt_tokens=len(r.prompt_token_ids), output_token_ids=ids,
+                t_start=t_start, t_first_token=times[0] if times else None, t_end=t_end,
+                token_times=times,
+            ))
+        return records
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        for v in (gen_eos, self.tokenizer.eos_token_id):
+            if isinstance(v, int):
+                ids.add(v)
+            elif isinstance(v, list | tuple):
+                ids.update(int(x) for x in v)
+        return ids
+
+    def applied_settings(self) -> dict[str, Any]:
+        import torch
+
+        m = self.model
+        return {
+            "device": str(next(m.parameters()).device),
+            "dtype": str(next(m.parameters()).dtype).removeprefix("torch."),
+            "attn_implementation": getattr(m.config, "_attn_implementation", None),
+            "sdpa_kernel_forced": "flash" if self.cfg.attn_implementation == "sdpa_flash"
+            else None,
+            "use_cache": self.cfg.use_cache,
+            "cache_implementation": self.cfg.cache_implementation,
+            "compiled": self.cfg.compile,
+            "torch_threads": torch.get_num_threads(),
+            "num_parameters": sum(p.numel() for p in m.parameters()),
+            "weights": self.model_cfg.weights,
+        }
+
+
+def _cut_at_eos(ids: list[int], eos_ids: set[int], keep_all: bool) -> list[int]:
+    """Output tokens up to and including the first EOS (what follows is padding)."""
+    if keep_all:
+        return ids
+    for j, t in enumerate(ids):
+        if t in eos_ids:
+            return ids[: j + 1]
+    return ids

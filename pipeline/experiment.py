@@ -1,0 +1,264 @@
+"""The one place that wires a job: validate, load, warm up, measure, score, record."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.backends import make_backend, preflight
+from pipeline.backends.base import Backend, RequestRecord
+from pipeline.config import Config, ConfigError, flatten, validate
+from pipeline.measure.memory import PeakRSSSampler, cuda_peaks, cuda_reset_peaks
+from pipeline.measure.timing import PhaseTimer, clock
+from pipeline.metrics import performance
+from pipeline.workload import batches, load_prompts, make_requests
+
+log = logging.getLogger(__name__)
+
+
+def config_hash(resolved: dict[str, Any]) -> str:
+    """Stable hash of the resolved job config (paths and tracking settings excluded)."""
+    core = {k: v for k, v in resolved.items() if k not in ("paths", "tracking", "print_table")}
+    return hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def measure(backend: Backend, spec: Config, requests: list, timer: PhaseTimer
+            ) -> tuple[list[RequestRecord], dict[str, float]]:
+    """Warm up, then run the measured phase ``repeats`` times; return the first repeat's
+    records (the generations that get scored) and the performance metrics."""
+    w = spec.workload
+    groups = batches(requests, w.batch_size)
+    gen = dict(max_new_tokens=w.max_new_tokens, fixed_length=w.fixed_length)
+    with timer.phase("warmup"):
+        for i in range(w.warmup):
+            backend.generate(groups[i % len(groups)], spec.decoding, **gen)
+    all_records: list[RequestRecord] = []
+    first: list[RequestRecord] = []
+    per_repeat: list[float] = []
+    walls: list[float] = []
+    cuda_reset_peaks()
+    with PeakRSSSampler(extra_pids=backend.child_pids) as mem:
+        for k in range(w.repeats):
+            with timer.phase("generate"):
+                t0 = clock(backend_sync(backend))
+                recs: list[RequestRecord] = []
+                for group in _progress(groups, f"generate {k + 1}/{w.repeats}"):
+                    recs.extend(backend.generate(group, spec.decoding, **gen))
+                wall = clock(backend_sync(backend)) - t0
+            walls.append(wall)
+            per_repeat.append(sum(r.output_tokens for r in recs if r.ok) / wall)
+            all_records.extend(recs)
+            if k == 0:
+                first = recs
+    metrics: dict[str, float] = {}
+    metrics.update(performance.latency_metrics(all_records))
+    metrics.update(performance.throughput_metrics(all_records, sum(walls)))
+    metrics.update(performance.batch_phase_metrics(all_records))
+    if w.repeats > 1:
+        mean, half = performance.mean_ci95(per_repeat)
+        metrics["output_tokens_per_s_repeat_mean"] = mean
+        metrics["output_tokens_per_s_ci95"] = half
+    metrics["peak_rss_bytes"] = float(mem.peak_bytes)
+    metrics.update({k: float(v) for k, v in cuda_peaks().items()})
+    metrics["measured_wall_s"] = sum(walls)
+    return first, metrics
+
+
+def backend_sync(backend: Backend) -> Any:
+    """The backend's device synchronization (a no-op on CPU)."""
+    from pipeline.measure.timing import no_sync
+
+    return getattr(backend, "sync", no_sync)
+
+
+def _progress(items: list, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="batch", leave=False, disable=len(items) < 2)
+
+
+def score(spec: Config, model_dir: str, backend: Backend, records: list[RequestRecord],
+          requests: list) -> dict[str, float]:
+    """Perplexity (continuations under the scorer) and diversity of the generations."""
+    from pipeline.metrics import diversity, quality
+
+    out: dict[str, float] = {}
+    ok = [r for r in records if r.ok]
+    texts = [r.text for r in ok]
+    if spec.scoring.diversity and texts:
+        out.update(diversity.diversity_metrics(
+            texts, max_self_bleu_samples=spec.scoring.self_bleu_max_samples, seed=spec.seed))
+    if spec.scoring.perplexity and any(r.output_tokens for r in ok):
+        scorer, device, reuse = _scorer(spec, model_dir, backend)
+        by_index = {q.index: q for q in requests}
+        if spec.scoring.scorer_path:
+            tok = scorer_tokenizer(spec.scoring.scorer_path, spec)
+            prompts = [tok(by_index[r.index].prompt)["input_ids"] for r in ok]
+            conts = [tok(r.text, add_special_tokens=False)["input_ids"] for r in ok]
+        else:
+            prompts = [list(by_index[r.index].prompt_token_ids) for r in ok]
+            conts = [r.output_token_ids for r in ok]
+        nlls, counts = quality.continuation_nll(scorer, prompts, conts, device=device)
+        out.update(quality.perplexity_metrics(nlls, counts))
+        if not reuse:
+            del scorer
+    return out
+
+
+def scorer_tokenizer(path: str, spec: Config) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=spec.model.trust_remote_code)
+
+
+def _scorer(spec: Config, model_dir: str, backend: Backend) -> tuple[Any, str, bool]:
+    """The scorer model: the backend's own HF model when it already is the scorer (same
+    weights, same dtype), else a fresh load."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.backends.hf import torch_device, torch_dtype
+
+    device = torch_device(spec.model.device)
+    dtype = torch_dtype(spec.scoring.scorer_dtype)
+    model = getattr(backend, "model", None)
+    if (model is not None and not spec.scoring.scorer_path
+            and spec.model.weights == "pretrained" and not spec.backend.compile
+            and next(model.parameters()).dtype == dtype):
+        return model, device, True
+    path = spec.scoring.scorer_path or model_dir
+    m = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, trust_remote_code=spec.model.trust_remote_code
+    ).to(device).eval()
+    torch.manual_seed(spec.seed)
+    return m, device, False
+
+
+def hydra_context() -> tuple[Path, list[str], int | None, Path | None]:
+    """Job folder, task overrides, job number and sweep folder (None outside multirun)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    return (
+        Path(hc.runtime.output_dir),
+        list(hc.overrides.task),
+        hc.job.num if multirun else None,
+        Path(hc.sweep.dir) if multirun else None,
+    )
+
+
+def run_job(cfg: DictConfig) -> dict[str, Any]:
+    """Run one job from a composed config and record it; returns the results dict.
+
+    Config errors are raised as :class:`ConfigError` before any model is loaded.
+    """
+    spec = validate(cfg)
+    preflight(spec)
+    prompts = load_prompts(spec.workload)
+    job_dir, overrides, job_num, sweep_dir = hydra_context()
+    job_dir.mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(resolved, dict)
+
+    from pipeline import provenance
+    from pipeline.models import resolve_model
+
+    results: dict[str, Any] = {
+        "status": "RUNNING", "job_num": job_num, "config": resolved,
+        "config_hash": config_hash(resolved),
+        "provenance": provenance.collect(overrides),
+    }
+    timer = PhaseTimer()
+    try:
+        with timer.phase("model_prepare"):
+            model_dir = resolve_model(spec.model, Path(spec.paths.cache_dir).resolve())
+        backend = make_backend(spec, model_dir)
+        with timer.phase("load"):
+            backend.load()
+        try:
+            timer.sync = backend_sync(backend)
+            requests = make_requests(prompts, backend_tokenizer(backend, spec, model_dir),
+                                     spec.model.use_chat_template)
+            records, metrics = measure(backend, spec, requests, timer)
+            with timer.phase("scoring"):
+                metrics.update(score(spec, model_dir, backend, records, requests))
+            metrics.update(backend.extra_metrics())
+            results["applied"] = backend.applied_settings()
+        finally:
+            backend.close()
+        results["status"] = "FINISHED"
+    except (ConfigError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        results["status"] = "FAILED"
+        results["error"] = f"{type(e).__name__}: {e}"
+        (job_dir / "error.txt").write_text(traceback.format_exc())
+        records, metrics = [], {}
+    metrics.update({f"time_{k}_s": v for k, v in timer.seconds.items()})
+    results["metrics"] = {k: v for k, v in metrics.items() if not _bad(v)}
+    results["requests"] = [r.to_dict() for r in records]
+    # results.json is written before MLflow is touched: tracking must not cost results.
+    (job_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    if spec.tracking.enabled:
+        _track(cfg, spec, results, job_dir, sweep_dir)
+    if spec.print_table:
+        _print_summary(results, spec)
+    if results["status"] != "FINISHED":
+        raise JobFailed(results["error"])
+    return results
+
+
+class JobFailed(RuntimeError):
+    """The job ran but failed; results.json and MLflow hold the details."""
+
+
+def _bad(v: Any) -> bool:
+    return isinstance(v, float) and not math.isfinite(v)
+
+
+def backend_tokenizer(backend: Backend, spec: Config, model_dir: str) -> Any:
+    """The tokenizer that renders prompts: the backend's, or one loaded from the model dir."""
+    tok = getattr(backend, "tokenizer", None)
+    if tok is not None:
+        return tok
+    return scorer_tokenizer(model_dir, spec)
+
+
+def _track(cfg: DictConfig, spec: Config, results: dict, job_dir: Path,
+           sweep_dir: Path | None) -> None:
+    from pipeline import tracking
+
+    parent = tracking.read_parent_id(sweep_dir) if sweep_dir else None
+    t0 = clock()
+    try:
+        run_id = tracking.log_job(spec, results, job_dir, parent, flatten(spec))
+        results["mlflow_run_id"] = run_id
+    except Exception as e:
+        log.error("MLflow logging failed (%s); results are safe in %s", e,
+                  job_dir / "results.json")
+    results["metrics"]["time_tracking_s"] = clock() - t0
+
+
+def _print_summary(results: dict, spec: Config) -> None:
+    from pipeline import tracking
+
+    row = {"status": results["status"], "metrics": results["metrics"]}
+    print()
+    print(tracking.format_table([row], ["status"]), flush=True)
+    applied = results.get("applied", {})
+    if applied:
+        print("applied: " + ", ".join(f"{k}={v}" for k, v in applied.items()))
+    if spec.tracking.enabled and results.get("mlflow_run_id"):
+        print(f"MLflow run {results['mlflow_run_id']}; view with:\n  "
+              f"{tracking.ui_command(tracking.tracking_uri(spec))}")
+    sys.stdout.flush()

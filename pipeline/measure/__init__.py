@@ -1,0 +1,1 @@
+"""Measurement primitives: one way to time, one way to sample memory."""

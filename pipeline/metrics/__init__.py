@@ -1,0 +1,1 @@
+"""Metrics over backend records: performance, quality (perplexity), diversity."""
