@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.config import ConfigError, register_configs
+from pipeline.config import ConfigError, check_group_choices, register_configs
 
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
     """Hand the composed config to the experiment; config errors exit 2 in one line."""
     from pipeline.backends.base import UnsupportedDecoding
@@ -26,4 +28,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    try:
+        check_group_choices(sys.argv[1:], CONF_DIR)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     main()

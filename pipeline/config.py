@@ -323,3 +323,21 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+GROUPS = ("model", "backend", "decoding", "workload", "experiment")
+
+
+def check_group_choices(argv: list[str], conf_dir: Path) -> None:
+    """Reject ``group=name`` overrides naming no yaml in ``conf/<group>/`` in one line,
+    before Hydra composes (its own message spans a screen)."""
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if not sep or key not in GROUPS:
+            continue
+        allowed = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
+        for choice in value.split(","):
+            choice = choice.strip()
+            # sweep syntax (glob(...), range(...)) is Hydra's to expand
+            if choice and "(" not in choice and choice not in allowed:
+                _fail(key, choice, f"allowed values are {', '.join(allowed)}")

@@ -1,0 +1,89 @@
+"""The hf backend on the real packaged model: determinism, decoding effects, timestamps."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.backends.hf import HFBackend
+from pipeline.config import DecodingConfig, HFBackendConfig, ModelConfig, WorkloadConfig
+from pipeline.metrics.diversity import distinct_n, self_bleu
+from pipeline.metrics.quality import continuation_nll, corpus_perplexity
+from pipeline.workload import load_prompts, make_requests
+from tests.test_config import _compose
+
+pytestmark = pytest.mark.slow
+
+QUICK = list(_compose().workload.prompts)
+
+
+@pytest.fixture(scope="module")
+def backend(model_dir: str):
+    with HFBackend(model_dir, ModelConfig(), HFBackendConfig(), seed=0) as b:
+        yield b
+
+
+@pytest.fixture(scope="module")
+def requests(backend: HFBackend):
+    prompts = load_prompts(WorkloadConfig(prompts=QUICK))
+    return make_requests(prompts, backend.tokenizer, use_chat_template=True)
+
+
+def _texts(backend: HFBackend, requests, d: DecodingConfig, n: int = 24) -> list[str]:
+    return [r.text for r in backend.generate(requests, d, max_new_tokens=n, fixed_length=False)]
+
+
+def test_greedy_is_deterministic(backend, requests) -> None:
+    assert _texts(backend, requests, DecodingConfig()) == _texts(backend, requests,
+                                                                 DecodingConfig())
+
+
+def test_beam_differs_from_greedy_on_some_prompt(backend, requests) -> None:
+    greedy = _texts(backend, requests[:4], DecodingConfig(), n=16)
+    beam = _texts(backend, requests[:4], DecodingConfig(num_beams=4), n=16)
+    assert any(g != b for g, b in zip(greedy, beam, strict=True))
+
+
+def test_hot_sampling_is_more_diverse_than_greedy(backend, requests) -> None:
+    greedy = _texts(backend, requests, DecodingConfig(), n=32)
+    hot = _texts(backend, requests, DecodingConfig(do_sample=True, temperature=1.5), n=32)
+    assert distinct_n(hot, 2) > distinct_n(greedy, 2)
+    assert self_bleu(hot) < self_bleu(greedy)
+
+
+def test_fixed_length_records_and_timestamps(backend, requests) -> None:
+    recs = backend.generate(requests[:3], DecodingConfig(), max_new_tokens=6, fixed_length=True)
+    assert [r.index for r in recs] == [0, 1, 2]
+    for r in recs:
+        assert r.output_tokens == 6 and len(r.token_times) == 6
+        assert r.t_start <= r.t_first_token <= r.token_times[-1] <= r.t_end
+        assert r.token_times == sorted(r.token_times)
+        assert r.prompt_tokens == len(requests[r.index].prompt_token_ids)
+
+
+def test_perplexity_of_greedy_continuations_is_low_and_prompt_masked(backend, requests) -> None:
+    recs = backend.generate(requests[:4], DecodingConfig(), max_new_tokens=12, fixed_length=True)
+    prompts = [list(requests[r.index].prompt_token_ids) for r in recs]
+    conts = [r.output_token_ids for r in recs]
+    nlls, counts = continuation_nll(backend.model, prompts, conts)
+    assert counts == [12] * 4  # only continuation tokens are scored
+    greedy_ppl = corpus_perplexity(nlls, counts)
+    # the same continuations scored after a different prompt must look less likely
+    shuffled = prompts[1:] + prompts[:1]
+    nlls2, _ = continuation_nll(backend.model, shuffled, conts)
+    assert 1.0 < greedy_ppl < corpus_perplexity(nlls2, counts)
+
+
+def test_applied_settings_are_read_from_the_model(backend) -> None:
+    a = backend.applied_settings()
+    assert a["device"] == "cpu" and a["dtype"] == "float32"
+    assert a["attn_implementation"] == "sdpa" and a["num_parameters"] > 100_000_000
+
+
+def test_flash_attention_2_on_cpu_fails_before_loading(model_dir: str) -> None:
+    from pipeline.config import ConfigError
+
+    b = HFBackend(model_dir, ModelConfig(device="cpu"),
+                  HFBackendConfig(attn_implementation="flash_attention_2"), seed=0)
+    with pytest.raises(ConfigError, match="flash_attention_2.*missing.*use sdpa"):
+        b.load()
+    assert b.model is None
