@@ -23,6 +23,7 @@ WEIGHTS = ("pretrained", "random")
 MODEL_SOURCES = ("packaged", "hf")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "sdpa_flash", "flash_attention_2")
 CACHE_IMPLEMENTATIONS = ("dynamic", "static")
+ARRIVALS = ("poisson", "gamma")
 
 
 class ConfigError(ValueError):
@@ -114,6 +115,15 @@ class WorkloadConfig:
     repeats: int = 1
     max_prompt_chars: int = 20000
     max_file_bytes: int = 10_000_000
+    # Online backends (servers) only: the arrival process and client-side limits.
+    concurrency: int | None = None
+    request_rate: float | None = None
+    arrival: str = "poisson"
+    burstiness: float = 1.0
+    request_timeout_s: float = 120.0
+    slo_ttft_ms: float | None = None
+    slo_tpot_ms: float | None = None
+    slo_e2el_ms: float | None = None
 
 
 @dataclass
@@ -232,6 +242,13 @@ def validate_workload(w: WorkloadConfig) -> None:
     _range("workload.repeats", w.repeats, 1, 1000)
     _range("workload.max_prompt_chars", w.max_prompt_chars, 1)
     _range("workload.max_file_bytes", w.max_file_bytes, 1)
+    _range("workload.concurrency", w.concurrency, 1, optional=True)
+    _range("workload.request_rate", w.request_rate, 0.0, lo_open=True, optional=True)
+    _choice("workload.arrival", w.arrival, ARRIVALS)
+    _range("workload.burstiness", w.burstiness, 0.0, lo_open=True)
+    _range("workload.request_timeout_s", w.request_timeout_s, 0.0, lo_open=True)
+    for slo in ("slo_ttft_ms", "slo_tpot_ms", "slo_e2el_ms"):
+        _range(f"workload.{slo}", getattr(w, slo), 0.0, lo_open=True, optional=True)
     if w.prompts_file:
         p = Path(w.prompts_file).expanduser()
         if not p.is_file():

@@ -62,6 +62,12 @@ def check_vllm(d: DecodingConfig) -> None:
         _refuse("vllm", "no_repeat_ngram_size", d.no_repeat_ngram_size,
                 "use repetition_penalty, or backend=hf")
     if d.num_beams > 1:
+        if d.do_sample:
+            # vLLM's beam search ranks candidates by raw logprobs: temperature would not
+            # turn it into HF-style beam sampling, so accepting it would drop do_sample.
+            _refuse("vllm", "do_sample", d.do_sample,
+                    "vLLM beam search is deterministic (no beam sampling); set "
+                    "decoding.do_sample=false or use backend=hf")
         if d.repetition_penalty != 1.0:
             _refuse("vllm", "repetition_penalty", d.repetition_penalty,
                     "vLLM beam search has no repetition penalty; use backend=hf")
@@ -83,7 +89,7 @@ def vllm_params(d: DecodingConfig, max_new_tokens: int, fixed_length: bool, seed
             beam_width=d.num_beams,
             max_tokens=max_new_tokens,
             ignore_eos=fixed_length,
-            temperature=d.temperature if d.do_sample else 0.0,
+            temperature=0.0,
             length_penalty=d.length_penalty,
         )
     sample = d.do_sample and d.temperature > 0

@@ -19,7 +19,7 @@ from pipeline.config import Config, ConfigError, flatten, validate
 from pipeline.measure.memory import PeakRSSSampler, cuda_peaks, cuda_reset_peaks
 from pipeline.measure.timing import PhaseTimer, clock
 from pipeline.metrics import performance
-from pipeline.workload import batches, load_prompts, make_requests
+from pipeline.workload import arrival_offsets, batches, load_prompts, make_requests
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +37,25 @@ def measure(backend: Backend, spec: Config, requests: list, timer: PhaseTimer
     w = spec.workload
     groups = batches(requests, w.batch_size)
     gen = dict(max_new_tokens=w.max_new_tokens, fixed_length=w.fixed_length)
+    send_at = arrival_offsets(len(requests), w.request_rate, w.arrival, w.burstiness, spec.seed)
+
+    def run_once(k: int) -> list[RequestRecord]:
+        if backend.online:
+            return backend.serve(requests, spec.decoding, send_at=send_at,
+                                 concurrency=w.concurrency, timeout_s=w.request_timeout_s,
+                                 **gen)
+        recs: list[RequestRecord] = []
+        for group in _progress(groups, f"generate {k + 1}/{w.repeats}"):
+            recs.extend(backend.generate(group, spec.decoding, **gen))
+        return recs
+
     with timer.phase("warmup"):
         for i in range(w.warmup):
-            backend.generate(groups[i % len(groups)], spec.decoding, **gen)
+            if backend.online:
+                backend.serve(requests[:1], spec.decoding, send_at=[0.0], concurrency=1,
+                              timeout_s=w.request_timeout_s, **gen)
+            else:
+                backend.generate(groups[i % len(groups)], spec.decoding, **gen)
     all_records: list[RequestRecord] = []
     first: list[RequestRecord] = []
     per_repeat: list[float] = []
@@ -49,9 +65,7 @@ def measure(backend: Backend, spec: Config, requests: list, timer: PhaseTimer
         for k in range(w.repeats):
             with timer.phase("generate"):
                 t0 = clock(backend_sync(backend))
-                recs: list[RequestRecord] = []
-                for group in _progress(groups, f"generate {k + 1}/{w.repeats}"):
-                    recs.extend(backend.generate(group, spec.decoding, **gen))
+                recs = run_once(k)
                 wall = clock(backend_sync(backend)) - t0
             walls.append(wall)
             per_repeat.append(sum(r.output_tokens for r in recs if r.ok) / wall)
@@ -61,7 +75,13 @@ def measure(backend: Backend, spec: Config, requests: list, timer: PhaseTimer
     metrics: dict[str, float] = {}
     metrics.update(performance.latency_metrics(all_records))
     metrics.update(performance.throughput_metrics(all_records, sum(walls)))
-    metrics.update(performance.batch_phase_metrics(all_records))
+    if backend.online:
+        metrics["peak_concurrency"] = float(performance.peak_concurrency(all_records))
+    else:
+        metrics.update(performance.batch_phase_metrics(all_records))
+    slo = {k: v for k, v in (("ttft_ms", w.slo_ttft_ms), ("tpot_ms", w.slo_tpot_ms),
+                             ("e2el_ms", w.slo_e2el_ms)) if v is not None}
+    metrics.update(performance.goodput(all_records, sum(walls), slo))
     if w.repeats > 1:
         mean, half = performance.mean_ci95(per_repeat)
         metrics["output_tokens_per_s_repeat_mean"] = mean

@@ -97,3 +97,22 @@ def make_requests(prompts: list[str], tokenizer: Any, use_chat_template: bool) -
 def batches(requests: list[Request], batch_size: int) -> list[list[Request]]:
     """Consecutive slices of ``batch_size`` (the last may be shorter)."""
     return [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
+
+
+def arrival_offsets(
+    n: int, rate: float | None, arrival: str = "poisson", burstiness: float = 1.0, seed: int = 0
+) -> list[float]:
+    """Send times (seconds from the start) of ``n`` requests.
+
+    ``rate=None`` sends all at once. Otherwise inter-arrival gaps are gamma-distributed
+    with shape ``burstiness`` and mean ``1/rate`` (vLLM's convention): shape 1 is a
+    Poisson process, below 1 burstier, above 1 more regular.
+    """
+    import numpy as np
+
+    if rate is None:
+        return [0.0] * n
+    shape = 1.0 if arrival == "poisson" else burstiness
+    gaps = np.random.default_rng(seed).gamma(shape, 1.0 / (rate * shape), size=n)
+    gaps[0] = 0.0  # the first request goes out at once
+    return [float(x) for x in np.cumsum(gaps)]

@@ -65,3 +65,28 @@ def test_num_prompts_cuts_and_cycles() -> None:
 
 def test_batches_keep_order_and_remainder() -> None:
     assert batches(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5], [6]]
+
+
+def test_arrivals_all_at_once_without_rate() -> None:
+    from pipeline.workload import arrival_offsets
+
+    assert arrival_offsets(3, None) == [0.0, 0.0, 0.0]
+
+
+def test_arrivals_mean_rate_and_burstiness() -> None:
+    import numpy as np
+
+    from pipeline.workload import arrival_offsets
+
+    t = arrival_offsets(4001, 10.0, "poisson", seed=1)
+    assert t[0] == 0.0 and t == sorted(t)
+    assert 0.9 < (len(t) - 1) / t[-1] / 10.0 < 1.1  # mean rate within 10% of 10 req/s
+    assert arrival_offsets(50, 10.0, seed=3) == arrival_offsets(50, 10.0, seed=3)
+
+    def cv(xs: list[float]) -> float:
+        g = np.diff(xs)
+        return float(np.std(g) / np.mean(g))
+
+    # gamma shape < 1 is burstier (CV > 1), > 1 more regular (CV < 1); Poisson has CV 1
+    assert cv(arrival_offsets(4001, 10.0, "gamma", 0.25, 1)) > 1.3
+    assert cv(arrival_offsets(4001, 10.0, "gamma", 4.0, 1)) < 0.7

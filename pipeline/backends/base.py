@@ -90,6 +90,19 @@ class Backend(ABC):
         """Run ``requests`` (one batch) under ``decoding``; one record per request, in
         request order. ``fixed_length`` forces exactly ``max_new_tokens`` output tokens."""
 
+    #: online backends (servers) receive every request at once through :meth:`serve`
+    #: and handle arrival times and concurrency themselves, instead of batches
+    online: bool = False
+
+    def serve(
+        self, requests: list[Request], decoding: Any, max_new_tokens: int, fixed_length: bool,
+        send_at: list[float], concurrency: int | None, timeout_s: float,
+    ) -> list[RequestRecord]:
+        """Online backends: send request i at ``send_at[i]`` seconds after the start, at most
+        ``concurrency`` in flight, each bounded by ``timeout_s``; failures become records
+        with ``error`` set rather than exceptions."""
+        raise NotImplementedError(f"backend {self.name} is offline: it has no serve()")
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources; the default holds none."""
 

@@ -11,9 +11,41 @@ from typing import Any
 import psutil
 
 
+# Providers of PIDs that belong to no job at the moment, e.g. a vLLM engine kept alive
+# between jobs for reuse: while idle it is still this process's child, and counting it
+# would charge its memory to whichever job (even an hf one) happens to run next.
+_IDLE_PID_PROVIDERS: list[Callable[[], list[int]]] = []
+
+
+def register_idle_pids(provider: Callable[[], list[int]]) -> None:
+    """Register ``provider``: the PIDs it returns (and their descendants) are left out of
+    :func:`tree_rss` unless a caller names them in ``extra_pids``."""
+    if provider not in _IDLE_PID_PROVIDERS:
+        _IDLE_PID_PROVIDERS.append(provider)
+
+
+def _idle_subtrees(keep: set[int]) -> set[int]:
+    out: set[int] = set()
+    for provider in _IDLE_PID_PROVIDERS:
+        try:
+            pids = provider()
+        except Exception:  # a broken provider must not cost the measurement
+            continue
+        for pid in pids:
+            if pid in keep:
+                continue
+            out.add(pid)
+            try:
+                out.update(c.pid for c in psutil.Process(pid).children(recursive=True))
+            except psutil.Error:
+                continue
+    return out
+
+
 def tree_rss(root_pid: int, extra_pids: list[int] | None = None) -> int:
-    """Resident bytes of a process, all its descendants and any extra PIDs (each once)."""
-    seen: set[int] = set()
+    """Resident bytes of a process, all its descendants and any extra PIDs (each once),
+    less the subtrees of registered idle PIDs (see :func:`register_idle_pids`)."""
+    seen: set[int] = _idle_subtrees(set(extra_pids or []))
     total = 0
     procs: list[psutil.Process] = []
     for pid in [root_pid, *(extra_pids or [])]:
