@@ -18,13 +18,16 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     """Hand the composed config to the experiment; config errors exit 2 in one line."""
     from pipeline.backends.base import UnsupportedDecoding
-    from pipeline.experiment import run_job
+    from pipeline.experiment import JobFailed, run_job
 
     try:
         run_job(cfg)
     except (ConfigError, UnsupportedDecoding) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except JobFailed as e:
+        print(f"error: job failed: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
@@ -33,4 +36,9 @@ if __name__ == "__main__":
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("interrupted: the running job is recorded as FAILED; rerun with resume=true "
+              "to skip finished jobs", file=sys.stderr)
+        sys.exit(130)

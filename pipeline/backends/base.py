@@ -46,10 +46,14 @@ class RequestRecord:
     token_times: list[float] | None = None
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: N_out when it is known without the ids (a server's ``usage`` count); None -> ids
+    n_output_tokens: int | None = None
 
     @property
     def output_tokens(self) -> int:
-        """Number of generated tokens (N_out)."""
+        """Number of generated tokens (N_out): ``n_output_tokens`` if set, else the ids."""
+        if self.n_output_tokens is not None:
+            return self.n_output_tokens
         return len(self.output_token_ids)
 
     @property

@@ -10,7 +10,6 @@ from typing import Any
 
 import psutil
 
-
 # Providers of PIDs that belong to no job at the moment, e.g. a vLLM engine kept alive
 # between jobs for reuse: while idle it is still this process's child, and counting it
 # would charge its memory to whichever job (even an hf one) happens to run next.

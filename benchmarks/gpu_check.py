@@ -1,0 +1,116 @@
+"""The GPU matrix for the optimization axes, on the SmolLM2-135M architecture with random
+weights (config + tokenizer travel in benchmarks/assets, < 5 MB; no weights needed).
+
+    python benchmarks/gpu_check.py                 # CUDA: the full matrix, < 6 minutes
+    python benchmarks/gpu_check.py --smoke         # CPU: a tiny smoke run of the same code
+
+Rows: attention (eager | sdpa | sdpa_flash) x KV cache (on | off) x batch (1 | 8 | 32), plus
+a static cache + torch.compile row per batch. Each row is measured through the pipeline's
+own HF backend and metric functions (one way to time), with fixed-length greedy output.
+Prints a table and writes results.json (default: outputs/gpu_check/results.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pipeline import provenance  # noqa: E402
+from pipeline.backends.hf import HFBackend  # noqa: E402
+from pipeline.config import DecodingConfig, HFBackendConfig, ModelConfig  # noqa: E402
+from pipeline.measure.memory import PeakRSSSampler, cuda_peaks, cuda_reset_peaks  # noqa: E402
+from pipeline.measure.timing import clock  # noqa: E402
+from pipeline.metrics import performance  # noqa: E402
+from pipeline.workload import make_requests  # noqa: E402
+
+ASSETS = ROOT / "benchmarks" / "assets" / "smollm2-135m"
+PROMPT = "Explain in two sentences why the sky looks blue during the day."
+
+
+def measure_row(backend: HFBackend, batch: int, new_tokens: int, repeats: int) -> dict:
+    """Warm up once, then time ``repeats`` fixed-length greedy batches."""
+    reqs = make_requests([PROMPT] * batch, backend.tokenizer, use_chat_template=True)
+    d = DecodingConfig()
+    backend.generate(reqs, d, max_new_tokens=new_tokens, fixed_length=True)
+    cuda_reset_peaks()
+    records, wall = [], 0.0
+    with PeakRSSSampler() as mem:
+        for _ in range(repeats):
+            t0 = clock(backend.sync)
+            records += backend.generate(reqs, d, max_new_tokens=new_tokens, fixed_length=True)
+            wall += clock(backend.sync) - t0
+    m = performance.throughput_metrics(records, wall)
+    m.update(performance.latency_metrics(records))
+    m["peak_rss_bytes"] = mem.peak_bytes
+    m.update(cuda_peaks())
+    return m
+
+
+def main() -> int:
+    """Run the matrix and print the table."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes (CPU smoke test)")
+    ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "gpu_check" / "results.json")
+    args = ap.parse_args()
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.smoke:
+        print("error: no CUDA device; run with --smoke on a CPU machine", file=sys.stderr)
+        return 2
+    batches = (1, 2) if args.smoke else (1, 8, 32)
+    new_tokens = 4 if args.smoke else 64
+    repeats = 1 if args.smoke else 3
+    dtype = "bfloat16" if cuda else "float32"
+    model = ModelConfig(name="smollm2-135m-random", source="hf", path=str(ASSETS),
+                        weights="random", dtype=dtype, device="cuda" if cuda else "cpu")
+    variants = [(attn, cache, "dynamic", False) for attn in ("eager", "sdpa", "sdpa_flash")
+                for cache in (True, False)]
+    variants.append(("sdpa", True, "static", True))
+    if args.smoke:
+        variants = [v for v in variants if not v[3]]  # compile takes minutes on 2 cores
+    rows = []
+    t_start = time.time()
+    for attn, cache, impl, comp in variants:
+        cfg = HFBackendConfig(attn_implementation=attn, use_cache=cache,
+                              cache_implementation=impl, compile=comp)
+        with HFBackend(str(ASSETS), model, cfg, seed=0) as backend:
+            for b in batches:
+                t0 = time.time()
+                try:
+                    m = measure_row(backend, b, new_tokens, repeats)
+                    err = ""
+                except Exception as e:  # e.g. a kernel the card lacks: report, go on
+                    m, err = {}, f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+                rows.append({"attn": attn, "kv_cache": cache, "cache_impl": impl,
+                             "compile": comp, "batch": b, "seconds": time.time() - t0,
+                             "error": err, "applied": backend.applied_settings(), **m})
+                print(_line(rows[-1]), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"provenance": provenance.collect(sys.argv[1:]),
+                                    "new_tokens": new_tokens, "repeats": repeats,
+                                    "dtype": dtype, "rows": rows}, indent=1, default=str))
+    print(f"\n{len(rows)} rows in {time.time() - t_start:.0f} s; wrote {args.out}")
+    return 0
+
+
+def _line(r: dict) -> str:
+    if not any(k.startswith("output_tokens") for k in r):
+        return f"{r['attn']:<11} cache={r['kv_cache']!s:<5} {r['cache_impl']:<8} " \
+               f"compile={r['compile']!s:<5} batch={r['batch']:<3} ERROR {r['error']}"
+    mem = r.get("cuda_max_allocated_bytes", r["peak_rss_bytes"]) / 2**20
+    return (f"{r['attn']:<11} cache={r['kv_cache']!s:<5} {r['cache_impl']:<8} "
+            f"compile={r['compile']!s:<5} batch={r['batch']:<3} "
+            f"{r['output_tokens_per_s']:9.1f} tok/s  TPOT {r.get('tpot_ms_mean', 0):7.2f} ms  "
+            f"mem {mem:8.0f} MiB")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

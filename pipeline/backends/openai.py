@@ -1,0 +1,217 @@
+"""OpenAI-compatible servers (vLLM, TGI's Messages API, SGLang, a remote endpoint...),
+benchmarked under concurrent streaming load by :mod:`pipeline.serving_client`.
+
+The backend is *online*: it receives every request of the measured phase at once through
+:meth:`OpenAIBackend.serve` and sends each on the workload's arrival schedule. The API key
+is read from the environment variable named by ``backend.api_key_env`` at request time and
+only ever placed in the ``Authorization`` header: it is not stored on the backend, in the
+config, in results or in MLflow.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from pipeline.backends.base import Backend, Request, RequestRecord
+from pipeline.config import ConfigError, DecodingConfig, ModelConfig, OpenAIBackendConfig
+from pipeline.decoding import openai_body
+from pipeline.serving_client import StreamRequest, http_get_json, run_requests
+
+log = logging.getLogger(__name__)
+
+#: per-request timeout of :meth:`OpenAIBackend.generate` (serve() gets the workload's)
+DEFAULT_TIMEOUT_S = 600.0
+
+
+class ServingFailed(RuntimeError):
+    """Every request of a measured phase failed (or the server died): the job is FAILED.
+
+    ``records`` keeps the failed records so that a caller can still save them.
+    """
+
+    def __init__(self, message: str, records: list[RequestRecord] | None = None) -> None:
+        super().__init__(message)
+        self.records = records or []
+
+
+class OpenAIBackend(Backend):
+    """A running OpenAI-compatible endpoint at ``backend.base_url``."""
+
+    name = "openai"
+    online = True
+
+    def __init__(
+        self, model_dir: str, model: ModelConfig, cfg: OpenAIBackendConfig, seed: int,
+        **_: Any,
+    ) -> None:
+        self.model_dir = model_dir
+        self.model_cfg = model
+        self.cfg = cfg
+        self.seed = seed
+        self.base_url = cfg.base_url.rstrip("/")
+        self.api = cfg.api
+        self.extensions = cfg.vllm_extensions
+        self.served_model: str | None = cfg.model
+        self.server_model_info: dict[str, Any] = {}
+        self.tokenizer: Any = None
+
+    # ------------------------------------------------------------------ life cycle
+
+    def load(self) -> None:
+        """Load the tokenizer that renders prompts and check that the endpoint answers
+        and serves the model (``GET {base_url}/models``)."""
+        self._headers()  # a missing key fails here, before any request
+        self.tokenizer = self._load_tokenizer()
+        self._probe()
+
+    def _load_tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(
+            self.model_dir, trust_remote_code=self.model_cfg.trust_remote_code,
+            revision=self.model_cfg.revision,
+        )
+
+    def _headers(self) -> dict[str, str]:
+        env = self.cfg.api_key_env
+        if not env:
+            return {}
+        key = os.environ.get(env)
+        if not key:
+            raise ConfigError(
+                f"backend {self.name}: backend.api_key_env={env!r} names an environment "
+                f"variable that is not set; export it or set backend.api_key_env=null"
+            )
+        return {"Authorization": f"Bearer {key}"}
+
+    def _probe(self) -> None:
+        url = f"{self.base_url}/models"
+        try:
+            status, body = http_get_json(url, self.cfg.connect_timeout_s, self._headers())
+        except OSError as e:
+            raise RuntimeError(
+                f"backend {self.name}: cannot reach the server at {url} ({e}); is it "
+                f"running, and is backend.base_url right?"
+            ) from e
+        if status != 200:
+            raise RuntimeError(f"backend {self.name}: GET {url} answered HTTP {status}: "
+                               f"{str(body)[:300]}")
+        models = body.get("data", []) if isinstance(body, dict) else []
+        ids = [m.get("id") for m in models if isinstance(m, dict)]
+        if self.served_model is None:
+            if not ids:
+                raise RuntimeError(f"backend {self.name}: {url} lists no model; set "
+                                   f"backend.model to the served model name")
+            self.served_model = ids[0]
+        elif ids and self.served_model not in ids:
+            raise ConfigError(
+                f"backend.model={self.served_model!r} is invalid: the server at "
+                f"{self.base_url} serves {', '.join(map(str, ids))}"
+            )
+        self.server_model_info = next(
+            (m for m in models if isinstance(m, dict) and m.get("id") == self.served_model), {}
+        )
+
+    def close(self) -> None:
+        self.tokenizer = None
+
+    # ------------------------------------------------------------------ requests
+
+    def prompt_format(self) -> str:
+        """``token_ids`` (identical tokens to every other backend) where the server takes
+        them, else ``text``; the chat API always takes messages."""
+        if self.api == "chat":
+            return "messages"
+        if self.cfg.prompt_format != "auto":
+            return self.cfg.prompt_format
+        return "token_ids" if self.extensions else "text"
+
+    def _payload(self, r: Request, base: dict[str, Any]) -> dict[str, Any]:
+        body = {"model": self.served_model, **base, "stream": True,
+                "stream_options": {"include_usage": True}}
+        fmt = self.prompt_format()
+        if fmt == "messages":
+            body["messages"] = [{"role": "user", "content": r.prompt}]
+        elif fmt == "token_ids":
+            body["prompt"] = list(r.prompt_token_ids)
+        else:
+            # The rendered prompt (chat template included) as text, special tokens kept,
+            # so that the server sees the same conversation the token ids encode.
+            body["prompt"] = self.tokenizer.decode(list(r.prompt_token_ids),
+                                                   skip_special_tokens=False)
+            # The template already holds any BOS; vLLM and SGLang would add another.
+            if self.extensions:
+                body["add_special_tokens"] = False
+        if self.extensions:
+            body["return_token_ids"] = True
+        return body
+
+    def _check_length(self, requests: list[Request], max_new_tokens: int) -> None:
+        limit = self.server_model_info.get("max_model_len")
+        if not limit or self.prompt_format() != "token_ids":
+            return
+        longest = max(len(r.prompt_token_ids) for r in requests)
+        if longest + max_new_tokens > int(limit):
+            raise ConfigError(
+                f"backend {self.name}: the server's max_model_len={limit} is too small for a "
+                f"{longest}-token prompt plus workload.max_new_tokens={max_new_tokens}"
+            )
+
+    def serve(
+        self, requests: list[Request], decoding: DecodingConfig, max_new_tokens: int,
+        fixed_length: bool, send_at: list[float], concurrency: int | None, timeout_s: float,
+    ) -> list[RequestRecord]:
+        """Stream every request on its schedule; failures are records with ``error`` set.
+
+        Raises :class:`ServingFailed` when every request failed: such a phase measured
+        nothing, and the job must end FAILED with the reason.
+        """
+        base = openai_body(decoding, max_new_tokens, fixed_length, self.seed, self.api,
+                           extensions=self.extensions, backend=self.name)
+        self._check_length(requests, max_new_tokens)
+        url = f"{self.base_url}/{'chat/completions' if self.api == 'chat' else 'completions'}"
+        stream_reqs = [
+            StreamRequest(index=r.index, prompt=r.prompt, url=url, body=self._payload(r, base),
+                          prompt_tokens=len(r.prompt_token_ids), api=self.api)
+            for r in requests
+        ]
+        records = run_requests(stream_reqs, send_at, concurrency, timeout_s, self._headers())
+        self._after_serve(records)
+        return records
+
+    def generate(
+        self, requests: list[Request], decoding: DecodingConfig, max_new_tokens: int = 32,
+        fixed_length: bool = False,
+    ) -> list[RequestRecord]:
+        """Offline-style use (one batch): every request sent at once, none held back."""
+        return self.serve(requests, decoding, max_new_tokens, fixed_length,
+                          send_at=[0.0] * len(requests), concurrency=None,
+                          timeout_s=DEFAULT_TIMEOUT_S)
+
+    def _after_serve(self, records: list[RequestRecord]) -> None:
+        failed = [r for r in records if not r.ok]
+        if failed:
+            log.warning("backend %s: %d/%d requests failed; first: %s", self.name,
+                        len(failed), len(records), failed[0].error)
+        if records and len(failed) == len(records):
+            raise ServingFailed(
+                f"backend {self.name}: all {len(records)} requests failed; first error: "
+                f"{failed[0].error}", records)
+
+    # ------------------------------------------------------------------ read-back
+
+    def applied_settings(self) -> dict[str, Any]:
+        """Endpoint, API, served model and what the server reports about it."""
+        out: dict[str, Any] = {
+            "base_url": self.base_url,
+            "api": self.api,
+            "served_model": self.served_model,
+            "prompt_format": self.prompt_format(),
+            "vllm_extensions": self.extensions,
+            "stream": True,
+        }
+        if self.server_model_info.get("max_model_len"):
+            out["server_max_model_len"] = self.server_model_info["max_model_len"]
+        return out

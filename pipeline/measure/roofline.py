@@ -1,0 +1,132 @@
+"""How close a job gets to the machine's physical limit.
+
+Decoding one step reads every weight once and produces one token per sequence in the
+batch, so at small batch the rate is bound by memory bandwidth:
+``batch * bandwidth / weight_bytes``. At large batch the matmuls dominate:
+``flops / (2 * parameters)`` tokens/s. The roofline is the smaller of the two; the KV
+cache, activations and attention are left out, so the bound is optimistic (a share above
+1 means the model does fewer bytes/FLOPs than assumed, e.g. a smaller effective batch).
+
+The machine's rates are measured once and cached per machine in the cache folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def roofline_tokens_per_s(
+    num_parameters: int, bytes_per_param: int, batch: int,
+    bandwidth_bytes_per_s: float, flops_per_s: float,
+) -> float:
+    """min(bandwidth-bound, compute-bound) decode tokens/s for ``batch`` sequences."""
+    if num_parameters <= 0 or bytes_per_param <= 0 or batch <= 0:
+        raise ValueError("num_parameters, bytes_per_param and batch must be positive")
+    memory_bound = batch * bandwidth_bytes_per_s / (num_parameters * bytes_per_param)
+    compute_bound = flops_per_s / (2.0 * num_parameters)
+    return min(memory_bound, compute_bound)
+
+
+def _best_of(fn: Any, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_rates(device: str = "cpu", dtype: str = "float32") -> dict[str, float]:
+    """Read bandwidth (a large tensor summed: bytes read / s) and matmul FLOP/s in
+    ``dtype`` on ``device``, best of several runs."""
+    import torch
+
+    tdtype = getattr(torch, dtype)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    n_bytes = 512 * 2**20 if device == "cuda" else 256 * 2**20
+    x = torch.ones(n_bytes // 4, dtype=torch.float32, device=device)
+
+    def read() -> None:
+        x.sum()
+        sync()
+
+    read()
+    bw = n_bytes / _best_of(read, 5)
+    n = 4096 if device == "cuda" else 1024
+    a = torch.randn(n, n, dtype=tdtype, device=device)
+    b = torch.randn(n, n, dtype=tdtype, device=device)
+
+    def mm() -> None:
+        a @ b
+        sync()
+
+    mm()
+    flops = 2 * n**3 / _best_of(mm, 5)
+    return {"bandwidth_bytes_per_s": bw, "matmul_flops_per_s": flops}
+
+
+def machine_key(device: str, dtype: str) -> str:
+    """Identifies the hardware a cached measurement belongs to."""
+    from pipeline.provenance import hardware
+
+    hw = hardware()
+    ident = json.dumps([hw.get("cpu"), hw.get("cpu_count"), hw.get("gpu"),
+                        hw.get("torch_threads"), device, dtype])
+    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+def cached_rates(cache_dir: Path, device: str, dtype: str) -> dict[str, float]:
+    """Machine rates, measured on first use (about a second) and cached per machine."""
+    f = cache_dir / "roofline" / f"{machine_key(device, dtype)}.json"
+    if f.is_file():
+        return json.loads(f.read_text())
+    rates = measure_rates(device, dtype)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps(rates))
+    return rates
+
+
+def safetensors_parameters(model_dir: str | Path) -> int:
+    """Parameter count from the safetensors headers of a model folder (no weights read)."""
+    total = 0
+    for f in Path(model_dir).glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        for name, meta in header.items():
+            if name != "__metadata__":
+                count = 1
+                for dim in meta["shape"]:
+                    count *= dim
+                total += count
+    return total
+
+
+def roofline_metrics(applied: dict[str, Any], batch: int, tokens_per_s: float,
+                     cache_dir: Path, model_dir: str | None = None,
+                     dtype: str | None = None) -> dict[str, float]:
+    """``roofline_tokens_per_s`` and ``roofline_share`` for a job, from what was applied
+    (parameter count, dtype, device), falling back to the model folder's safetensors
+    headers and the configured dtype; empty when neither says."""
+    params = applied.get("num_parameters")
+    if not params and model_dir and Path(model_dir).is_dir():
+        params = safetensors_parameters(model_dir)
+    dtype = str(applied.get("dtype") or dtype or "").removeprefix("torch.")
+    device = "cuda" if str(applied.get("device", "cpu")).startswith("cuda") else "cpu"
+    if not params or dtype not in DTYPE_BYTES:
+        return {}
+    rates = cached_rates(cache_dir, device, dtype)
+    roof = roofline_tokens_per_s(int(params), DTYPE_BYTES[dtype], batch,
+                                 rates["bandwidth_bytes_per_s"], rates["matmul_flops_per_s"])
+    return {
+        "roofline_tokens_per_s": roof,
+        "roofline_share": tokens_per_s / roof,
+        "machine_bandwidth_gb_per_s": rates["bandwidth_bytes_per_s"] / 1e9,
+        "machine_matmul_gflops": rates["matmul_flops_per_s"] / 1e9,
+    }

@@ -1,0 +1,141 @@
+"""PNG plots for the sweep report (matplotlib, Agg canvas; no pyplot global state).
+
+Each function takes the report's tables (plain data, already derived from MLflow) and
+returns PNG bytes, so the report module decides where they are written or embedded.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+# A fixed palette so a job keeps its colour across the three figures.
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
+           "#17becf", "#bcbd22", "#7f7f7f")
+
+
+def colour(i: int) -> str:
+    """The colour of the ``i``-th job (cycling)."""
+    return PALETTE[i % len(PALETTE)]
+
+
+def _png(fig: Figure) -> bytes:
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    # no Software/date metadata: the same data gives the same bytes
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _empty(ax: Any, what: str) -> None:
+    ax.text(0.5, 0.5, f"no {what} in this sweep", ha="center", va="center",
+            transform=ax.transAxes, color="grey")
+
+
+def quality_vs_diversity(points: Sequence[Mapping[str, Any]]) -> bytes:
+    """Perplexity against self-BLEU, one labelled point per job.
+
+    ``points``: dicts with ``label``, ``index`` (colour), ``self_bleu``, ``perplexity``.
+    """
+    fig = Figure(figsize=(7.5, 5))
+    ax = fig.add_subplot()
+    pts = [p for p in points if p.get("self_bleu") is not None
+           and p.get("perplexity") is not None]
+    for p in pts:
+        ax.scatter([p["self_bleu"]], [p["perplexity"]], s=70, color=colour(int(p["index"])),
+                   edgecolor="black", zorder=3)
+        ax.annotate(str(p["label"]), (p["self_bleu"], p["perplexity"]),
+                    textcoords="offset points", xytext=(6, 6), fontsize=9)
+    if not pts:
+        _empty(ax, "perplexity / self-BLEU")
+    ax.set_xlabel("self-BLEU (lower = more diverse across prompts)")
+    ax.set_ylabel("perplexity under the scorer (lower = more likely)")
+    ax.set_title("Quality vs diversity")
+    ax.grid(alpha=0.3)
+    ax.margins(0.2)
+    return _png(fig)
+
+
+def throughput_vs_latency(points: Sequence[Mapping[str, Any]],
+                          latencies: Sequence[tuple[str, str]]) -> bytes:
+    """Output tokens/s against each latency in ``latencies`` ((key, axis label) pairs), one
+    panel each, with the Pareto front (``front_<key>`` True) joined and ringed."""
+    fig = Figure(figsize=(6.0 * len(latencies), 5))
+    for n, (key, xlabel) in enumerate(latencies):
+        ax = fig.add_subplot(1, len(latencies), n + 1)
+        pts = [p for p in points if p.get(key) is not None
+               and p.get("output_tokens_per_s") is not None]
+        for p in pts:
+            ax.scatter([p[key]], [p["output_tokens_per_s"]], s=70,
+                       color=colour(int(p["index"])), edgecolor="black", zorder=3)
+            ax.annotate(str(p["label"]), (p[key], p["output_tokens_per_s"]),
+                        textcoords="offset points", xytext=(6, 6), fontsize=9)
+        front = sorted((p for p in pts if p.get(f"front_{key}")),
+                       key=lambda p: float(p[key]))
+        if front:
+            xs = [float(p[key]) for p in front]
+            ys = [float(p["output_tokens_per_s"]) for p in front]
+            ax.plot(xs, ys, "--", color="black", lw=1, zorder=2, label="Pareto front")
+            ax.scatter(xs, ys, s=220, facecolors="none", edgecolors="black", lw=1.5, zorder=4)
+            ax.legend(loc="best", fontsize=9)
+        if not pts:
+            _empty(ax, "throughput / latency")
+        if pts:  # from 0 (margins would show negative latencies), room for the labels
+            ax.set_xlim(0, 1.15 * max(float(p[key]) for p in pts) or 1)
+            ax.set_ylim(0, 1.15 * max(float(p["output_tokens_per_s"]) for p in pts) or 1)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("output tokens/s (higher is better)")
+        ax.set_title(f"Throughput vs {xlabel.split(' (')[0]}")
+        ax.grid(alpha=0.3)
+        ax.margins(0.2)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def latency_distributions(series: Sequence[Mapping[str, Any]]) -> bytes:
+    """Per-request E2EL and TTFT (ms) per job: a box plot with the requests overlaid.
+
+    ``series``: dicts with ``label``, ``index``, ``e2el_ms`` and ``ttft_ms`` (lists).
+    """
+    fig = Figure(figsize=(max(7.0, 1.6 * len(series) + 3), 8.5))
+    for n, (key, title) in enumerate((("e2el_ms", "End-to-end latency per request"),
+                                      ("ttft_ms", "Time to first token per request"))):
+        ax = fig.add_subplot(2, 1, n + 1)
+        data = [(s, [float(v) for v in s.get(key) or []]) for s in series]
+        data = [(s, v) for s, v in data if v]
+        if data:
+            pos = list(range(1, len(data) + 1))
+            box = ax.boxplot([v for _, v in data], positions=pos, widths=0.5,
+                             patch_artist=True, showmeans=True, showfliers=False,
+                             meanprops={"marker": "D", "markerfacecolor": "white",
+                                        "markeredgecolor": "black", "markersize": 6},
+                             medianprops={"color": "black"})
+            for patch, (s, _) in zip(box["boxes"], data, strict=True):
+                patch.set_facecolor(colour(int(s["index"])))
+                patch.set_alpha(0.45)
+            for x, (s, v) in zip(pos, data, strict=True):
+                # a deterministic spread, so identical values stay visible side by side
+                k = len(v)
+                xs = [x - 0.15 + 0.3 * (i / (k - 1) if k > 1 else 0.5) for i in range(k)]
+                ax.scatter(xs, v, s=14, color=colour(int(s["index"])),
+                           edgecolor="black", lw=0.4, zorder=3)
+            ax.set_xticks(pos, [str(s["label"]) for s, _ in data], rotation=15, ha="right",
+                          fontsize=9)
+            lo = min(min(v) for _, v in data)
+            hi = max(max(v) for _, v in data)
+            if lo > 0 and hi / lo > 20:  # one slow job would squash the others flat
+                ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(ScalarFormatter())
+                ax.yaxis.set_minor_formatter(NullFormatter())
+        else:
+            _empty(ax, "per-request timings")
+        ax.set_ylabel("ms")
+        ax.set_title(title)
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return _png(fig)

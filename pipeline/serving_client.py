@@ -1,0 +1,293 @@
+"""The streaming load generator shared by the online backends (``openai``, ``vllm_server``).
+
+It sends request i at ``send_at[i]`` seconds after the start (asyncio + aiohttp), keeps at
+most ``concurrency`` requests in flight, bounds each by a timeout, and reads the
+server-sent-event stream of an OpenAI-compatible ``/v1/completions`` or
+``/v1/chat/completions`` endpoint. Timing follows vLLM's serving benchmark
+(``vllm/benchmarks/lib/endpoint_request_func.py``) so that the two clients agree:
+
+- ``t_start``: just before the request is sent (after waiting for a concurrency slot);
+- ``t_first_token``: arrival of the first chunk that carries output (text or token ids);
+- ``token_times``: arrival of every chunk that carries output (one per token when the
+  server streams token by token, as vLLM does by default);
+- ``t_end``: arrival of the last chunk with choices (not the trailing usage chunk).
+
+Output and prompt token counts come from the server's ``usage`` (``stream_options:
+{"include_usage": true}``), never from re-tokenising text. Output token ids are kept only
+when the server sends them (vLLM's ``return_token_ids``) and they add up to the usage
+count. Every failure (HTTP status, timeout, refused connection, a stream cut short because
+the server died) becomes a record with ``error`` set: this module never raises for a
+request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import time
+from collections.abc import Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from pipeline.backends.base import RequestRecord
+from pipeline.measure.timing import clock
+
+T = TypeVar("T")
+
+#: characters of a failing response body kept in the error message
+ERROR_BODY_CHARS = 300
+
+
+@dataclass(frozen=True)
+class StreamRequest:
+    """One HTTP request to send: where, what, and what to record it as."""
+
+    index: int
+    prompt: str
+    url: str
+    body: dict[str, Any]
+    #: the pipeline's own prompt length, used when the server reports no usage
+    prompt_tokens: int
+    #: ``completions`` (choices[0].text) or ``chat`` (choices[0].delta.content)
+    api: str = "completions"
+
+
+@dataclass
+class _Stream:
+    """What has arrived so far for one request."""
+
+    text: list[str] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+    ids_complete: bool = True
+    times: list[float] = field(default_factory=list)
+    t_last: float | None = None
+    finish_reason: str | None = None
+    usage: dict[str, Any] | None = None
+    done: bool = False
+    server_error: str | None = None
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` to completion from synchronous code, also when the caller already
+    runs an event loop (then in a worker thread with its own loop)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+def run_requests(
+    requests: Sequence[StreamRequest], send_at: Sequence[float], concurrency: int | None,
+    timeout_s: float, headers: Mapping[str, str] | None = None,
+) -> list[RequestRecord]:
+    """Send every request on its schedule and return one record per request, in order.
+
+    ``concurrency=None`` leaves the number in flight unbounded (the arrival schedule alone
+    paces the load). ``timeout_s`` bounds each request from its send to its last byte.
+    """
+    if len(send_at) != len(requests):
+        raise ValueError(f"{len(requests)} requests but {len(send_at)} send times")
+    return run_sync(_run_all(list(requests), list(send_at), concurrency, timeout_s,
+                             dict(headers or {})))
+
+
+async def _run_all(
+    requests: list[StreamRequest], send_at: list[float], concurrency: int | None,
+    timeout_s: float, headers: dict[str, str],
+) -> list[RequestRecord]:
+    import aiohttp
+
+    sem = asyncio.Semaphore(concurrency) if concurrency else None
+    # trust_env=False: a proxy from the environment must never see loopback traffic.
+    # limit=0 lifts aiohttp's default cap of 100 connections; the semaphore is the cap.
+    connector = aiohttp.TCPConnector(limit=0, force_close=False, keepalive_timeout=60)
+    async with aiohttp.ClientSession(connector=connector, trust_env=False) as session:
+        t0 = clock()
+        tasks = [
+            asyncio.create_task(_scheduled(session, r, t0 + at, sem, timeout_s, headers))
+            for r, at in zip(requests, send_at, strict=True)
+        ]
+        return list(await asyncio.gather(*tasks))
+
+
+async def _scheduled(
+    session: Any, req: StreamRequest, due: float, sem: asyncio.Semaphore | None,
+    timeout_s: float, headers: dict[str, str],
+) -> RequestRecord:
+    delay = due - clock()
+    if delay > 0:
+        await asyncio.sleep(delay)
+    t_ready = clock()
+    if sem is None:
+        rec = await _send(session, req, timeout_s, headers)
+    else:
+        async with sem:
+            rec = await _send(session, req, timeout_s, headers)
+    # Time spent waiting for a concurrency slot: client-side queueing, not server latency.
+    rec.extra["client_queue_s"] = rec.t_start - t_ready
+    return rec
+
+
+async def _send(
+    session: Any, req: StreamRequest, timeout_s: float, headers: dict[str, str]
+) -> RequestRecord:
+    import aiohttp
+
+    st = _Stream()
+    t_start = clock()
+    error: str | None = None
+    try:
+        # asyncio.timeout covers the whole exchange, including a server that accepts the
+        # connection and then stalls; aiohttp's own timeout is a second, looser guard.
+        async with asyncio.timeout(timeout_s):
+            async with session.post(
+                req.url, json=req.body, headers=headers,
+                timeout=aiohttp.ClientTimeout(total=timeout_s + 5.0),
+            ) as resp:
+                if resp.status != 200:
+                    body = (await resp.text())[:ERROR_BODY_CHARS]
+                    error = f"HTTP {resp.status} {resp.reason}: {body}".strip()
+                else:
+                    await _read_stream(resp, st, req.api)
+    except TimeoutError:
+        error = f"timeout: no complete response within request_timeout_s={timeout_s:g}"
+    except aiohttp.ClientConnectorError as e:
+        error = f"cannot connect to {req.url}: {e.os_error or e}"
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError) as e:
+        error = f"connection lost mid-response (server died?): {type(e).__name__}: {e}"
+    except aiohttp.ClientError as e:
+        error = f"HTTP client error: {type(e).__name__}: {e}"
+    except (json.JSONDecodeError, ValueError) as e:
+        error = f"unreadable stream from {req.url}: {e}"
+    t_now = clock()
+    if error is None:
+        error = st.server_error
+    if error is None and not st.times:
+        error = "the stream carried no output token"
+    if error is None and st.finish_reason is None and not st.done:
+        error = "the stream ended without a finish_reason (server died mid-response?)"
+    return _record(req, st, t_start, t_now, error)
+
+
+async def _read_stream(resp: Any, st: _Stream, api: str) -> None:
+    """Parse the SSE stream into ``st``; a ``data: [DONE]`` line ends it."""
+    buf = b""
+    async for chunk in resp.content.iter_any():
+        now = clock()
+        buf += chunk
+        # SSE events end with a blank line; "data:" lines are all we need, so splitting
+        # on newlines and keeping the incomplete tail is enough.
+        *lines, buf = buf.split(b"\n")
+        for raw in lines:
+            line = raw.strip()
+            if not line.startswith(b"data:"):
+                continue  # blank separators, ": ping" comments, "event:" lines
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                st.done = True
+                return
+            _on_event(json.loads(data), st, api, now)
+
+
+def _on_event(ev: dict[str, Any], st: _Stream, api: str, now: float) -> None:
+    if ev.get("error"):
+        # vLLM and others report a failure inside an already-started 200 stream.
+        err = ev["error"]
+        msg = err.get("message", err) if isinstance(err, dict) else err
+        st.server_error = f"server error mid-stream: {msg}"
+        return
+    if ev.get("usage"):
+        st.usage = ev["usage"]
+    choices = ev.get("choices") or []
+    if not choices:
+        return
+    ch = choices[0]
+    delta = ch.get("delta") or {}
+    text = (delta.get("content") if api == "chat" else ch.get("text")) or ""
+    ids = ch.get("token_ids")
+    if ids is None and api == "chat":
+        ids = delta.get("token_ids")
+    carries_output = bool(text) or bool(ids)
+    if carries_output:
+        if ids is None:
+            # Output without ids (a server without return_token_ids): the ids are unknown.
+            st.ids_complete = False
+        st.times.append(now)
+        st.text.append(text)
+        if ids:
+            st.ids.extend(int(t) for t in ids)
+    st.t_last = now
+    if ch.get("finish_reason") is not None:
+        st.finish_reason = ch["finish_reason"]
+
+
+def _record(
+    req: StreamRequest, st: _Stream, t_start: float, t_now: float, error: str | None
+) -> RequestRecord:
+    usage = st.usage or {}
+    n_out = usage.get("completion_tokens")
+    ids: list[int] = []
+    if st.ids_complete and st.ids and (n_out is None or n_out == len(st.ids)):
+        ids = list(st.ids)
+    extra: dict[str, Any] = {"chunks": len(st.times)}
+    if n_out is None:
+        # No usage from this server: the ids if it sent them, else one token per chunk
+        # (exact for servers that stream token by token); flagged so it can be told apart.
+        n_out = len(ids) if ids else len(st.times)
+        extra["output_tokens_source"] = "token_ids" if ids else "chunks"
+    else:
+        extra["output_tokens_source"] = "usage"
+    if st.finish_reason is not None:
+        extra["finish_reason"] = st.finish_reason
+    return RequestRecord(
+        index=req.index, prompt=req.prompt, text="".join(st.text),
+        prompt_tokens=int(usage.get("prompt_tokens") or req.prompt_tokens),
+        output_token_ids=ids,
+        t_start=t_start,
+        t_first_token=st.times[0] if st.times else None,
+        # vLLM's benchmark ends a request at its last chunk with choices; a failed request
+        # ends when the failure was seen.
+        t_end=st.t_last if (error is None and st.t_last is not None) else t_now,
+        token_times=list(st.times) or None,
+        error=error,
+        extra=extra,
+        n_output_tokens=None if ids else int(n_out),
+    )
+
+
+# ----------------------------------------------------------------------- small HTTP helpers
+
+
+def http_get_json(url: str, timeout_s: float, headers: Mapping[str, str] | None = None
+                  ) -> tuple[int, Any]:
+    """GET ``url`` without any proxy (loopback must stay loopback); returns the status and
+    the decoded JSON body (or the text when it is not JSON). Connection errors raise
+    ``OSError``."""
+    import urllib.error
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    req = urllib.request.Request(url, headers=dict(headers or {}))
+    try:
+        with opener.open(req, timeout=timeout_s) as resp:
+            status, raw = resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    try:
+        return status, json.loads(raw or b"null")
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
+
+def wait_until(pred: Any, timeout_s: float, interval_s: float = 0.5) -> bool:
+    """Poll ``pred()`` until it is true or ``timeout_s`` passes; returns the last value."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if pred():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval_s)

@@ -1,0 +1,200 @@
+"""Failures are isolated and recorded, sweeps resume, nothing measured is lost, bad input
+is refused before any model loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CACHE_DIR, ROOT, run_cli
+
+TINY = ("workload.num_prompts=2", "workload.max_new_tokens=4", "workload.warmup=0",
+        f"paths.cache_dir={CACHE_DIR}")
+
+
+def _results(out: Path) -> dict[int, dict]:
+    found = {}
+    for f in out.glob("multirun/*/*/results.json"):
+        r = json.loads(f.read_text())
+        found[r["job_num"]] = r
+    return found
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when the socket is: nothing listens
+
+
+# --- the catalogue: each bad input, its message, and no model (not even torch) loaded ---
+
+def _catalogue(tmp: Path) -> list[tuple[list[str], str]]:
+    (tmp / "bad.txt").write_bytes(b"ok\n\xff\xfe\n")
+    (tmp / "nofield.jsonl").write_text('{"prompt": "a"}\n{"text": "b"}\n')
+    (tmp / "broken.jsonl").write_text('{"prompt": "a"\n')
+    (tmp / "blank.txt").write_text("\n\n")
+    (tmp / "big.txt").write_text("x" * 200 + "\n")
+    (tmp / "prompts.csv").write_text("a\n")
+    f = "workload=file"
+    return [
+        (["decoding.temperature=-1"], "decoding.temperature=-1.0 is invalid: must be >= 0.0"),
+        (["decoding.top_p=1.5"], "decoding.top_p=1.5 is invalid: must be <= 1.0"),
+        (["decoding.top_p=0"], "decoding.top_p=0.0 is invalid: must be > 0.0"),
+        (["decoding.top_k=-3"], "decoding.top_k=-3 is invalid: must be >= 0"),
+        (["decoding.num_beams=0"], "decoding.num_beams=0 is invalid: must be >= 1"),
+        (["decoding.repetition_penalty=0"], "decoding.repetition_penalty=0.0 is invalid"),
+        (["decoding=temperature", "decoding.temperature=0"], "must be > 0 when do_sample"),
+        (["workload.max_new_tokens=0"], "workload.max_new_tokens=0 is invalid: must be >= 1"),
+        (["workload.batch_size=0"], "workload.batch_size=0 is invalid"),
+        (["workload.repeats=0"], "workload.repeats=0 is invalid"),
+        (["workload.concurrency=0"], "workload.concurrency=0 is invalid"),
+        (["workload.arrival=uniform"], "allowed values are poisson, gamma"),
+        (["model.dtype=int3"], "model.dtype='int3' is invalid: allowed values are float32"),
+        (["model.device=tpu"], "model.device='tpu' is invalid"),
+        (["backend.attn_implementation=magic"], "backend.attn_implementation='magic'"),
+        (["backend.num_threads=0"], "backend.num_threads=0 is invalid"),
+        (["backend=vllm", "decoding=combined"],
+         "backend vllm: decoding.no_repeat_ngram_size=3 is not supported"),
+        (["decoding.length_penalty=2"], "backend hf: decoding.length_penalty"),
+        ([f, "workload.prompts_file=/no/such.txt"], "no such file"),
+        ([f, f"workload.prompts_file={tmp}/prompts.csv"], "must end in .txt or .jsonl"),
+        ([f, f"workload.prompts_file={tmp}/bad.txt"], "not UTF-8 (line 2)"),
+        ([f, f"workload.prompts_file={tmp}/nofield.jsonl"], "line 2: needs a string field"),
+        ([f, f"workload.prompts_file={tmp}/broken.jsonl"], "line 1: not valid JSON"),
+        ([f, f"workload.prompts_file={tmp}/blank.txt"], "no prompts in it"),
+        ([f, f"workload.prompts_file={tmp}/big.txt", "workload.max_prompt_chars=100"],
+         "line 1: prompt of 200 characters exceeds workload.max_prompt_chars=100"),
+        (["model=hf", "model.path=./no/such/model"], "model.path='./no/such/model'"),
+        (["seed=-1"], "seed=-1 is invalid"),
+    ]
+
+
+def test_bad_input_catalogue_fails_early_without_loading_anything(tmp_path: Path) -> None:
+    cases = _catalogue(tmp_path)
+    assert len(cases) >= 15
+    # One fresh interpreter checks every case, then proves torch was never imported.
+    script = textwrap.dedent(f"""
+        import json, sys
+        from hydra import compose, initialize_config_dir
+        from pipeline.config import register_configs
+        from pipeline.experiment import check_inputs
+        register_configs()
+        out = []
+        with initialize_config_dir(config_dir={str(ROOT / "conf")!r}, version_base="1.3"):
+            for overrides, _ in json.loads(sys.argv[1]):
+                try:
+                    check_inputs(compose(config_name="config", overrides=overrides))
+                    out.append(None)
+                except Exception as e:
+                    out.append(str(e))
+        print(json.dumps({{"messages": out, "torch": "torch" in sys.modules,
+                          "transformers": "transformers" in sys.modules}}))
+    """)
+    p = subprocess.run([sys.executable, "-c", script, json.dumps(cases)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    report = json.loads(p.stdout.strip().splitlines()[-1])
+    for (overrides, needle), msg in zip(cases, report["messages"], strict=True):
+        assert msg is not None, f"{overrides} was accepted"
+        assert needle in msg, (overrides, msg)
+        assert "\n" not in msg
+    assert not report["torch"] and not report["transformers"]
+
+
+def test_dry_run_validates_a_whole_sweep_without_models(tmp_path: Path) -> None:
+    p = run_cli("-m", "dry_run=true", "decoding=greedy,topp,beam", "backend=hf,vllm",
+                f"paths.output_dir={tmp_path}", timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.count("valid: ") == 6
+    assert not (tmp_path / "mlflow").exists()  # nothing tracked
+    p = run_cli("-m", "dry_run=true", "decoding=greedy,combined", "backend=vllm",
+                f"paths.output_dir={tmp_path}", timeout=120)
+    assert p.returncode == 1 and "no_repeat_ngram_size" in p.stdout + p.stderr
+
+
+@pytest.mark.slow
+def test_one_invalid_job_does_not_stop_the_sweep(tmp_path: Path) -> None:
+    p = run_cli("-m", "decoding=temperature", "decoding.temperature=0.7,-1,1.0",
+                f"paths.output_dir={tmp_path}", *TINY)
+    assert p.returncode == 1
+    res = _results(tmp_path)
+    assert [res[i]["status"] for i in range(3)] == ["FINISHED", "FAILED", "FINISHED"]
+    assert "decoding.temperature=-1.0 is invalid" in res[1]["error"]
+    assert "1 failed" in p.stdout and "FAILED job 1" in p.stdout
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("infersweep").experiment_id])
+    by_status = sorted(r.info.status for r in runs if r.data.tags.get("mlflow.parentRunId"))
+    assert by_status == ["FAILED", "FINISHED", "FINISHED"]
+    parent = next(r for r in runs if r.data.tags.get("kind") == "sweep")
+    assert parent.info.status == "FAILED" and parent.data.metrics["jobs_failed"] == 1
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_without_redoing_finished_jobs(tmp_path: Path) -> None:
+    args = [sys.executable, "run.py", "-m", "decoding=greedy,topk,topp",
+            f"paths.output_dir={tmp_path}", *TINY]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 400
+        while not list(tmp_path.glob("multirun/*/0/mlflow_run_id")):
+            assert proc.poll() is None, "sweep ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    first = _results(tmp_path)
+    assert first[0]["status"] == "FINISHED" and 2 not in first
+
+    time.sleep(1.1)  # a new timestamped sweep folder
+    p = run_cli(*args[2:], "resume=true")
+    assert p.returncode == 0, p.stderr[-2000:]
+    sweeps = sorted(tmp_path.glob("multirun/*"))
+    again = {json.loads(f.read_text())["job_num"]: json.loads(f.read_text())
+             for f in sweeps[-1].glob("*/results.json")}
+    assert again[0]["status"] == "SKIPPED"
+    assert again[0]["resumed_from"] == (sweeps[0] / "0" / "mlflow_run_id").read_text()
+    assert again[1]["status"] == again[2]["status"] == "FINISHED"
+    assert again[0]["config_hash"] == first[0]["config_hash"]
+
+
+@pytest.mark.slow
+def test_unreachable_tracking_keeps_results_and_sync_logs_them_later(tmp_path: Path) -> None:
+    port = _closed_port()
+    p = run_cli(f"tracking.uri=http://127.0.0.1:{port}", f"paths.output_dir={tmp_path}", *TINY,
+                timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]  # the measurement itself succeeded
+    assert "python -m pipeline.sync" in p.stderr and "unreachable" in p.stderr
+    (job,) = [f.parent for f in tmp_path.glob("runs/*/results.json")]
+    r = json.loads((job / "results.json").read_text())
+    assert r["status"] == "FINISHED" and r["metrics"]["output_tokens_per_s"] > 0
+    assert not (job / "mlflow_run_id").exists()
+
+    store = f"sqlite:///{tmp_path}/later.db"
+    s = subprocess.run([sys.executable, "-m", "pipeline.sync", str(job), "--tracking-uri",
+                        store], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert s.returncode == 0, s.stderr
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("infersweep").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["output_tokens_per_s"] == pytest.approx(
+        r["metrics"]["output_tokens_per_s"])
+    # a second sync logs nothing twice
+    s2 = subprocess.run([sys.executable, "-m", "pipeline.sync", str(job), "--tracking-uri",
+                         store], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "0 run(s) logged" in s2.stdout

