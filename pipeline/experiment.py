@@ -19,6 +19,7 @@ from pipeline.config import Config, ConfigError, flatten, validate
 from pipeline.measure.memory import PeakRSSSampler, cuda_peaks, cuda_reset_peaks
 from pipeline.measure.timing import PhaseTimer, clock
 from pipeline.metrics import performance
+from pipeline.placement import gpu_slot
 from pipeline.workload import arrival_offsets, batches, load_prompts, make_requests
 
 log = logging.getLogger(__name__)
@@ -234,7 +235,8 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     metrics: dict[str, float] = {}
     interrupted = False
     try:
-        records, metrics = _execute(spec, prompts, timer, results)
+        with gpu_slot(spec):  # one GPU job at a time per GPU, whatever the launcher
+            records, metrics = _execute(spec, prompts, timer, results)
         results["status"] = "FINISHED"
     except KeyboardInterrupt:
         interrupted = True
@@ -365,6 +367,10 @@ def _track(spec: Config, results: dict, job_dir: Path, sweep_dir: Path | None) -
     from pipeline import tracking
 
     parent = tracking.read_parent_id(sweep_dir) if sweep_dir else None
+    if sweep_dir and parent is None:
+        print(f"warning: no {tracking.PARENT_ID_FILE} in {sweep_dir}: this job is logged "
+              "without its sweep's parent run (is paths.output_dir absolute and shared?)",
+              file=sys.stderr)
     try:
         run_id = tracking.log_job(spec, results, job_dir, parent, flatten(spec))
         results["mlflow_run_id"] = run_id

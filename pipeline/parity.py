@@ -140,10 +140,10 @@ def summary_lines(parity: Mapping[str, Any]) -> list[str]:
         where = f"; first divergence at token {min(divs)}" if divs else ""
         note = "" if p["deterministic"] else " (sampled: parity not expected)"
         rate = p["exact_match_rate"]
+        label = " ".join(p["overrides"]) or f"decoding={p['decoding']}"
         lines.append(
             f"parity {p['a']['backend']} (job {p['a']['job']}) vs {p['b']['backend']} "
-            f"(job {p['b']['job']}), decoding={p['decoding']}"
-            f"{' ' + ' '.join(p['overrides']) if p['overrides'] else ''}: "
+            f"(job {p['b']['job']}), {label}: "
             f"{p['exact_matches']}/{p['num_prompts']} prompts identical"
             f"{f' ({rate:.0%})' if rate is not None else ''}{where}{note}"
         )

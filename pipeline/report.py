@@ -34,6 +34,10 @@ NOTE_MARKER = "<!-- infersweep-report -->"
 UI_BASE = "http://127.0.0.1:5000"
 
 
+class ReportError(RuntimeError):
+    """The sweep cannot be found or reported (no store, no parent run, bad baseline)."""
+
+
 @dataclass(frozen=True)
 class MetricSpec:
     """A metric column: MLflow key, header, number format and which direction is better."""
@@ -111,6 +115,7 @@ class SweepData:
     parent_start_time: int
     parent_tags: dict[str, str]
     jobs: list[JobRun] = field(default_factory=list)
+    parent_metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def sweep_name(self) -> str:
@@ -154,7 +159,7 @@ def open_client(uri: str) -> Any:
         if not path.is_absolute():
             path = Path("/") / path
         if not path.is_file():
-            raise SystemExit(f"error: no MLflow store at {path} (pass --tracking-uri)")
+            raise ReportError(f"no MLflow store at {path} (pass --tracking-uri)")
     return MlflowClient(tracking_uri=uri)
 
 
@@ -167,7 +172,7 @@ def find_parent(client: Any, *, run_id: str | None = None, sweep_dir: Path | Non
     if experiment:
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
-            raise SystemExit(f"error: no MLflow experiment named {experiment!r}")
+            raise ReportError(f"no MLflow experiment named {experiment!r}")
         exp_ids = [exp.experiment_id]
     else:
         exp_ids = [e.experiment_id for e in client.search_experiments()]
@@ -183,7 +188,7 @@ def find_parent(client: Any, *, run_id: str | None = None, sweep_dir: Path | Non
                               order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
         where = f" for {sweep_dir}" if sweep_dir else ""
-        raise SystemExit(f"error: no sweep parent run (tag kind=sweep){where} in this store")
+        raise ReportError(f"no sweep parent run (tag kind=sweep){where} in this store")
     return str(runs[0].info.run_id)
 
 
@@ -249,6 +254,7 @@ def collect(client: Any, parent_id: str, tracking_uri: str | None = None) -> Swe
         parent_id=parent_id, parent_name=parent.info.run_name or parent_id,
         parent_status=parent.info.status, parent_start_time=int(parent.info.start_time or 0),
         parent_tags=dict(parent.data.tags), jobs=jobs,
+        parent_metrics=dict(parent.data.metrics),
     )
 
 
@@ -256,11 +262,18 @@ def collect(client: Any, parent_id: str, tracking_uri: str | None = None) -> Swe
 
 
 def swept_params(jobs: list[JobRun]) -> list[str]:
-    """The params whose values differ across jobs (bookkeeping params left out)."""
+    """The params whose values differ across jobs (bookkeeping params left out).
+
+    A param only some jobs have (``backend.max_num_seqs`` when hf meets vllm) comes with a
+    preset, so it is left out unless an override names it."""
+    named = {t.split("=", 1)[0].lstrip("+~") for j in jobs
+             for t in j.tags.get("hydra_overrides", "").split() if "=" in t}
     keys = sorted({k for j in jobs for k in j.params})
     out = []
     for k in keys:
         if k.startswith(BOOKKEEPING_PARAMS):
+            continue
+        if not all(k in j.params for j in jobs) and k not in named:
             continue
         if len({j.params.get(k) for j in jobs}) > 1:
             out.append(k)
@@ -398,7 +411,7 @@ def readings(jobs: list[JobRun], baseline: JobRun) -> dict[str, str]:
         if j.status != "FINISHED":
             out[j.run_id] = f"job {j.status.lower()}: no numbers to compare"
             continue
-        words = parts[j.run_id] or ["between the other jobs on every metric"]
+        words = parts[j.run_id] or ["neither best nor worst on any of these metrics"]
         r = _ratio(throughput(j), base_tps)
         speed = "baseline" if j.run_id == baseline.run_id else (
             f"{r:.2f}× the baseline's tok/s" if r is not None else "")
@@ -566,14 +579,16 @@ def display_tables(t: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
     """The tables as the report prints them: formatted strings, human headers."""
     out: dict[str, pd.DataFrame] = {}
     jobs = t["jobs"]
+    fixed = ("job", "run", "run_id", "status", "overrides")
+    axes = axis_headers([c for c in jobs.columns if c not in fixed and c not in SPECS
+                         and not c.endswith(("_ci95", "_repeat_mean"))])
     rows = []
     for _, r in jobs.iterrows():
         # the run names and ids are listed with the MLflow links, to keep this one narrow
         row: dict[str, str] = {"job": str(r["job"]), "status": r["status"],
                                "overrides": r["overrides"]}
-        for c in jobs.columns:
-            if "." in c and c not in SPECS:  # a swept param
-                row[c] = _cell(r[c])
+        for c in axes:
+            row[axes[c]] = _cell(r[c])
         for m in JOB_METRICS:
             if m.key not in jobs.columns:
                 continue
@@ -638,6 +653,14 @@ def display_tables(t: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
     return out
 
 
+def axis_headers(params: list[str]) -> dict[str, str]:
+    """Short headers for swept params: the last part (``temperature``; the group for a
+    preset's name: ``decoding.name`` -> ``decoding``) where no other swept param shares it,
+    else the full dotted name."""
+    last = [p.removesuffix(".name").rsplit(".", 1)[-1] for p in params]
+    return {p: (s if last.count(s) == 1 else p) for p, s in zip(params, last, strict=True)}
+
+
 def _flag(v: Any) -> bool:
     """A table flag (bool, numpy bool, or None/NaN for "not applicable") as a bool."""
     return v is not None and v == v and bool(v)
@@ -673,8 +696,9 @@ def ui_links(data: SweepData) -> dict[str, str]:
     compact = {"separators": (",", ":")}
     return {
         "command": ui_command(uri),
-        "experiment": f"{base}/#/experiments/{data.experiment_id}",
-        "sweep runs": f"{base}/#/experiments/{data.experiment_id}?searchFilter={filt}",
+        # /runs: MLflow 3 opens an experiment on its GenAI overview, not the runs table
+        "experiment runs": f"{base}/#/experiments/{data.experiment_id}/runs",
+        "sweep runs": f"{base}/#/experiments/{data.experiment_id}/runs?searchFilter={filt}",
         "parent run": f"{base}/#/experiments/{data.experiment_id}/runs/{data.parent_id}",
         "compare runs": (f"{base}/#/compare-runs?runs={json.dumps(ids, **compact)}"
                          f"&experiments={json.dumps([data.experiment_id], **compact)}"),
@@ -688,6 +712,17 @@ def summary_lines(t: dict[str, pd.DataFrame], data: SweepData) -> list[str]:
     base = vb.loc[vb["is_baseline"].astype(bool), "job"].iloc[0]
     lines = [f"{len(jobs)} job(s), {int((jobs['status'] == 'FINISHED').sum())} finished; "
              f"baseline: job {base}."]
+    if data.parent_status == "RUNNING":
+        lines.append("the sweep is still running: jobs not logged yet are missing; rebuild the "
+                     "report when it ends.")
+    total = data.parent_metrics.get("jobs_total")
+    skipped = data.parent_metrics.get("jobs_skipped") or 0
+    if skipped:
+        lines.append(f"{skipped:.0f} job(s) were skipped by resume=true: their numbers live in "
+                     "their earlier runs, not in this sweep, so they are not in this report.")
+    elif total is not None and total != len(jobs):
+        lines.append(f"the sweep counted {total:.0f} job(s) but {len(jobs)} are logged as its "
+                     "child runs: the others are missing from this report.")
     picks = (("output_tokens_per_s", "highest output tok/s", " tok/s"),
              ("e2el_ms_mean", "lowest mean E2EL", " ms"),
              ("ttft_ms_mean", "lowest mean TTFT", " ms"),
@@ -732,8 +767,9 @@ def build_sections(data: SweepData, t: dict[str, pd.DataFrame]) -> list[Section]
     d = display_tables(t)
     repeats = any(c.endswith("_ci95") for c in t["jobs"].columns)
     links = ui_links(data)
-    jobs_note = ("Swept axes are the params that differ across jobs; metrics are the runs' "
-                 "MLflow metrics.")
+    jobs_note = ("Swept axes are the params that differ across jobs, named by their last "
+                 "part where that is unambiguous (`decoding` is the preset, `decoding.name`); "
+                 "metrics are the runs' MLflow metrics.")
     if repeats:
         jobs_note += (" Where the workload repeated the measured phase, tok/s shows the mean "
                       "over repeats ± its 95% CI; the other tables use the pooled figure "
@@ -850,7 +886,8 @@ h1{font-size:1.6em}h2{margin-top:1.6em;border-bottom:1px solid #ddd;padding-bott
 table{border-collapse:collapse;font-size:.85em;margin:.6em 0}
 th,td{border:1px solid #ccc;padding:3px 7px;text-align:left;vertical-align:top}
 th{background:#f3f3f3}figure{margin:1em 0}img{max-width:100%;height:auto}
-figcaption{color:#555;font-size:.9em}pre{background:#f6f6f6;padding:.7em;overflow-x:auto}
+figcaption{color:#555;font-size:.9em}li{overflow-wrap:anywhere}
+pre{background:#f6f6f6;padding:.7em;white-space:pre-wrap;overflow-wrap:anywhere}
 .scroll{overflow-x:auto}
 code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.9em}
 """
@@ -982,9 +1019,12 @@ def log_report(client: Any, data: SweepData, report: Report) -> str:
     note = client.get_run(pid).data.tags.get("mlflow.note.content", "")
     if not note or note.startswith(NOTE_MARKER):  # never overwrite a user's own description
         client.set_tag(pid, "mlflow.note.content", (
-            f"{NOTE_MARKER}\n**Sweep report**: open the Artifacts tab, `report/report.html` "
-            f"(plots and tables), or `{report.html.resolve()}` on disk.\n\n"
-            f"Rebuild: `python -m pipeline.report --run-id {pid}`"))
+            f"{NOTE_MARKER}\n**Sweep report**: [report/report.html]"
+            f"(#/experiments/{data.experiment_id}/runs/{pid}/artifacts/report/report.html) "
+            f"in this run's Artifacts tab (plots and tables), or `{report.html.resolve()}` "
+            f"on disk.\n\n"
+            f"Rebuild: `python -m pipeline.report --run-id {pid} "
+            f"--tracking-uri {data.tracking_uri}`"))
     return uri
 
 
@@ -1006,16 +1046,21 @@ def main(argv: list[str] | None = None) -> int:
                     help="do not log the report to the parent run")
     args = ap.parse_args(argv)
 
+    from mlflow.exceptions import MlflowException
+
     uri = args.tracking_uri
     if uri is None and args.sweep_dir is not None:
         uri = store_for_sweep_dir(args.sweep_dir)
     uri = uri or default_tracking_uri()
-    client = open_client(uri)
-    pid = find_parent(client, run_id=args.run_id, sweep_dir=args.sweep_dir,
-                      experiment=args.experiment)
-    data = collect(client, pid, uri)
-    if not data.jobs:
-        print(f"error: sweep parent run {pid} has no job runs", file=sys.stderr)
+    try:
+        client = open_client(uri)
+        pid = find_parent(client, run_id=args.run_id, sweep_dir=args.sweep_dir,
+                          experiment=args.experiment)
+        data = collect(client, pid, uri)
+        if not data.jobs:
+            raise ReportError(f"sweep parent run {pid} has no job runs")
+    except (ReportError, MlflowException) as e:  # one line, not a traceback
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 1
     out = args.output_dir or DEFAULT_OUTPUT_DIR / "reports" / data.sweep_name
     try:

@@ -196,7 +196,8 @@ def test_parity_sweep_end_to_end(tmp_path: Path, vllm_model_dir: str) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "INFERSWEEP_TEST_MARK": marker}
     p = subprocess.run(
         [sys.executable, "run.py", "-m", "+experiment=parity", f"paths.output_dir={tmp_path}",
-         f"paths.cache_dir={CACHE}", "workload.num_prompts=4", "workload.max_new_tokens=16"],
+         f"paths.cache_dir={CACHE}", "workload.num_prompts=4", "workload.max_new_tokens=16",
+         "scoring.perplexity=false"],  # parity needs the tokens only; saves two model loads
         cwd=ROOT, capture_output=True, text=True, timeout=900, env=env,
     )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -209,7 +210,7 @@ def test_parity_sweep_end_to_end(tmp_path: Path, vllm_model_dir: str) -> None:
             continue
     assert not leftovers, f"processes of the sweep survived it: {leftovers}"
 
-    (parity_file,) = tmp_path.glob("multirun/*/*/parity.json")
+    (parity_file,) = tmp_path.glob("multirun/*/parity.json")
     parity = json.loads(parity_file.read_text())
     (pair,) = parity["pairs"]
     assert (pair["a"]["backend"], pair["b"]["backend"]) == ("hf", "vllm")
@@ -218,8 +219,7 @@ def test_parity_sweep_end_to_end(tmp_path: Path, vllm_model_dir: str) -> None:
     assert parity["exact_match_rate"] == 1.0, parity
     assert "parity hf (job" in p.stdout
 
-    vllm_job = next(parity_file.parent.glob(f"{pair['b']['dir']}/results.json"))
-    res = json.loads(vllm_job.read_text())
+    res = json.loads((parity_file.parent / pair["b"]["dir"] / "results.json").read_text())
     assert res["metrics"]["kv_cache_tokens"] > 0 and res["metrics"]["engine_start_s"] > 0
     assert all(r["output_tokens"] == 16 for r in res["requests"])
 
@@ -295,3 +295,13 @@ def test_threads_bind_all_lists_usable_cores() -> None:
     assert threads_bind("all", 1) == _ranges(cores)
     if len(cores) >= 2:
         assert threads_bind("all", 2).count("|") == 1
+
+
+def test_vllm_refuses_beam_sampling_instead_of_dropping_do_sample() -> None:
+    from pipeline.backends.base import UnsupportedDecoding
+    from pipeline.config import DecodingConfig
+    from pipeline.decoding import check_vllm
+
+    with pytest.raises(UnsupportedDecoding, match="backend vllm: decoding.do_sample"):
+        check_vllm(DecodingConfig(num_beams=4, do_sample=True, temperature=0.3))
+    check_vllm(DecodingConfig(num_beams=4))  # deterministic beam search is fine

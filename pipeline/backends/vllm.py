@@ -70,20 +70,6 @@ def _idle_engine_pids() -> list[int]:
 register_idle_pids(_idle_engine_pids)
 
 
-def _vllm_processes() -> list[psutil.Process]:
-    """Live (not zombie) descendants of this process that vLLM started, by their titles
-    (``VLLM::EngineCore``, ``VLLM::Worker``...)."""
-    out = []
-    try:
-        children = psutil.Process().children(recursive=True)
-    except psutil.Error:
-        return out
-    for p in children:
-        if _alive(p) and _is_vllm(p):
-            out.append(p)
-    return out
-
-
 def _reap(pids: list[int], timeout: float = REAP_TIMEOUT_S) -> None:
     """Wait for ``pids`` (and their descendants) to exit; kill what outlives ``timeout``.
 
@@ -146,10 +132,6 @@ def shutdown_engines() -> int:
     _ENGINES.clear()
     for e in engines:
         _shutdown(e)
-    # Engines dropped without a clean shutdown (a failed start) may have left children.
-    stray = _vllm_processes()
-    if stray:
-        _reap([p.pid for p in stray], timeout=2.0)
     return len(engines)
 
 
@@ -295,19 +277,26 @@ class VLLMBackend(Backend):
         if self.model_cfg.revision:
             kwargs["revision"] = self.model_cfg.revision
         before = {p.pid for p in psutil.Process().children(recursive=False)}
+
+        def started() -> list[int]:
+            # Only what this start created: other vLLM processes under this one (a
+            # `vllm serve` of another backend) are not ours to count or stop.
+            new = [p for p in psutil.Process().children(recursive=False)
+                   if p.pid not in before]
+            return [p.pid for p in new if _is_vllm(p)] or [p.pid for p in new
+                                                           if "resource_tracker" not in
+                                                           " ".join(_cmdline(p))]
+
         t0 = time.perf_counter()
         try:
             llm = LLM(**kwargs)
         except BaseException:
             # A failed start can leave an engine core behind; nothing else will reap it.
             gc.collect()
-            _reap([p.pid for p in _vllm_processes()], timeout=5.0)
+            _reap(started(), timeout=5.0)
             raise
         start_s = time.perf_counter() - t0
-        new = [p for p in psutil.Process().children(recursive=False) if p.pid not in before]
-        titled = [p.pid for p in new if _is_vllm(p)]
-        engine = _Engine(key=key, llm=llm, start_s=start_s,
-                         pids=titled or [p.pid for p in new], env=env)
+        engine = _Engine(key=key, llm=llm, start_s=start_s, pids=started(), env=env)
         engine.extra["vllm_version"] = getattr(vllm, "__version__", "unknown")
         log.info("vLLM engine started in %.1f s (pids %s)", start_s, engine.pids)
         return engine
@@ -361,7 +350,7 @@ class VLLMBackend(Backend):
                 f"raise backend.max_model_len"
             )
         params = vllm_params(decoding, max_new_tokens, fixed_length, self.seed)
-        if type(params).__name__ == "BeamSearchParams":
+        if decoding.num_beams > 1:  # vllm_params gave BeamSearchParams
             return self._beam(requests, params)
         return self._sample(requests, params)
 
@@ -407,14 +396,20 @@ class VLLMBackend(Backend):
         records = []
         for rid, r in by_id.items():
             p = progress[rid]
-            error = None if p.t_end is not None else "vLLM returned no final output"
+            if p.t_end is None:  # the engine went idle without finishing it
+                records.append(RequestRecord(
+                    index=r.index, prompt=r.prompt, text="",
+                    prompt_tokens=len(r.prompt_token_ids), output_token_ids=[],
+                    t_start=t_start, t_first_token=None, t_end=time.perf_counter(),
+                    error="backend vllm: the engine returned no final output",
+                ))
+                continue
             records.append(RequestRecord(
                 index=r.index, prompt=r.prompt,
                 text=self.tokenizer.decode(p.ids, skip_special_tokens=True),
                 prompt_tokens=len(r.prompt_token_ids), output_token_ids=p.ids,
                 t_start=t_start, t_first_token=p.times[0] if p.times else None,
-                t_end=p.t_end if p.t_end is not None else time.perf_counter(),
-                token_times=p.times or None, error=error,
+                t_end=p.t_end, token_times=p.times or None,
             ))
         return records
 
@@ -496,19 +491,33 @@ class VLLMBackend(Backend):
             "engine_reused": self._reused,
             "engine_pids": ",".join(map(str, e.pids)),
         }
-        threads = self._worker_threads()
-        if threads is not None:
-            out["worker_torch_threads"] = threads
+        affinity = self._worker_affinity()
+        if affinity:
+            out["worker_cpu_affinity"] = affinity
         return out
 
-    def _worker_threads(self) -> int | None:
-        """torch's thread count inside the (first) worker, asked over vLLM's RPC."""
-        try:
-            # A lambda travels by value: the worker need not import this package.
-            probe = lambda worker: __import__("torch").get_num_threads()  # noqa: E731
-            return int(self.llm.collective_rpc(probe, timeout=30)[0])
-        except Exception:  # diagnostic only; an RPC failure must not fail the job
-            return None
+    def _worker_affinity(self) -> str | None:
+        """The cores the engine's workers run on, read from the OS: the union of their
+        threads' affinities (vLLM pins each OpenMP thread to one core of
+        ``VLLM_CPU_OMP_THREADS_BIND``); ``|`` separates workers. Linux only."""
+        e = self._engine
+        found = []
+        for pid in e.pids if e is not None else []:
+            try:
+                workers = [p for p in psutil.Process(pid).children(recursive=True)
+                           if "Worker" in p.name() or "Worker" in " ".join(p.cmdline()[:1])]
+            except psutil.Error:
+                continue
+            for w in workers:
+                cores: set[int] = set()
+                try:
+                    for tid in os.listdir(f"/proc/{w.pid}/task"):
+                        cores |= os.sched_getaffinity(int(tid))
+                except (OSError, AttributeError):  # thread gone, no /proc, not Linux
+                    pass
+                if cores:
+                    found.append(_ranges(sorted(cores)))
+        return "|".join(found) or None
 
     def extra_metrics(self) -> dict[str, float]:
         """KV-cache capacity, engine start-up (when this job started it) and reuse."""
@@ -551,9 +560,17 @@ def _token_input(ids: tuple[int, ...]) -> Any:
     return tokens_input(list(ids))
 
 
-def _is_vllm(p: psutil.Process) -> bool:
+def _cmdline(p: psutil.Process) -> list[str]:
     try:
-        return p.name().startswith("VLLM") or " ".join(p.cmdline()[:1]).startswith("VLLM")
+        return p.cmdline()
+    except psutil.Error:
+        return []
+
+
+def _is_vllm(p: psutil.Process) -> bool:
+    """vLLM titles its processes ``VLLM::EngineCore``, ``VLLM::Worker``..."""
+    try:
+        return p.name().startswith("VLLM") or " ".join(_cmdline(p)[:1]).startswith("VLLM")
     except psutil.Error:
         return False
 

@@ -479,6 +479,11 @@ class VLLMServerBackend(OpenAIBackend):
         s = self.server
         if s is None:
             raise RuntimeError("backend vllm_server: load() first")
+        if records and any(not r.ok for r in records) and s.proc is not None:
+            # A killed server's sockets close a moment before its exit status can be read:
+            # give the failures the chance to be blamed on the death they came from.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                s.proc.wait(timeout=2.0)
         if s.alive():
             return
         rc = s.proc.poll() if s.proc is not None else None
