@@ -12,7 +12,6 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 ifeq ($(GPU),1)
 	$(BIN)/pip install -q -e '.[vllm-gpu,joblib,ray,slurm,dev]'
 else
