@@ -289,6 +289,106 @@ def test_all_requests_failing_fails_the_phase(model_dir: str) -> None:
             b.serve([req, req], DecodingConfig(), 3, False, [0.0, 0.0], 2, 5.0)
 
 
+# ----------------------------------------------------------------------- server life (fast)
+
+# A stand-in for the vLLM server: answers /health (after HEALTHY_AFTER seconds, never if
+# negative) and starts a grandchild, as vLLM starts its engine core, whose pid it writes;
+# on SIGTERM it stops the grandchild and exits, as vLLM shuts its engine down.
+FAKE_SERVER = r'''
+import http.server, os, signal, subprocess, sys, time
+port, delay, pidfile = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+open(pidfile, "w").write(str(child.pid))
+def bye(*a):
+    child.terminate(); child.wait(); os._exit(0)
+signal.signal(signal.SIGTERM, bye)
+t0 = time.time()
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        ok = delay >= 0 and time.time() - t0 >= delay
+        self.send_response(200 if ok else 503); self.end_headers()
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
+'''
+
+
+def _fake_server(tmp: Path, healthy_after: float) -> Any:
+    from pipeline.backends.vllm_server import VLLMServer, free_port
+
+    script = tmp / "fake_server.py"
+    script.write_text(FAKE_SERVER)
+    port = free_port()
+    import sys
+
+    cmd = [sys.executable, str(script), str(port), str(healthy_after), str(tmp / "child.pid")]
+    return VLLMServer(key=("fake", port), cmd=cmd, env={}, log_path=tmp / "fake.log", port=port)
+
+
+def _gone(pid: int, within_s: float = 15.0) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_server_stop_takes_its_whole_process_group(tmp_path: Path) -> None:
+    from pipeline.backends.vllm_server import running_servers
+
+    s = _fake_server(tmp_path, healthy_after=0.5)
+    s.start(timeout_s=30)
+    try:
+        assert s.alive() and s in running_servers()
+        child = int((tmp_path / "child.pid").read_text())
+        assert psutil.pid_exists(child)
+    finally:
+        s.stop()
+    assert not s.alive() and _gone(child) and s not in running_servers()
+    assert (tmp_path / "fake.log").read_text().startswith("$ ")
+
+
+def test_server_that_never_gets_healthy_is_stopped_at_the_timeout(tmp_path: Path) -> None:
+    s = _fake_server(tmp_path, healthy_after=-1)
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match="did not become healthy within"):
+        s.start(timeout_s=3)
+    assert time.perf_counter() - t0 < 15
+    child = int((tmp_path / "child.pid").read_text())
+    assert s.proc is not None and s.proc.poll() is not None and _gone(child)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+def test_a_killed_pipeline_takes_its_server_down(tmp_path: Path, sig: int) -> None:
+    """SIGKILL: the kernel's parent-death signal; SIGTERM: our handler; SIGINT (Ctrl-C):
+    KeyboardInterrupt, then atexit."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = (
+        "import sys, time; sys.path.insert(0, sys.argv[1]); from pathlib import Path;"
+        "import tests.test_serving as t; s = t._fake_server(Path(sys.argv[2]), 0.2);"
+        "s.start(30); print(s.pid, flush=True); time.sleep(600)"
+    )
+    p = subprocess.Popen([sys.executable, "-c", code, str(ROOT), str(tmp_path)],
+                         stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert p.stdout is not None
+        server_pid = int(p.stdout.readline())
+        child = int((tmp_path / "child.pid").read_text())
+        p.send_signal(sig)
+        p.wait(30)
+        assert _gone(server_pid) and _gone(child)
+    finally:
+        if p.poll() is None:
+            p.kill()
+
+
 # ----------------------------------------------------------------------- real vLLM server
 
 _STARTED: list[int] = []  # PIDs of every vLLM server this module started
