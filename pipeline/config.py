@@ -180,7 +180,7 @@ class PathsConfig:
     """Where things go. Relative paths are taken from the directory ``run.py`` runs in."""
 
     output_dir: str = "outputs"
-    cache_dir: str = "${paths.output_dir}/cache"
+    cache_dir: str = "outputs/cache"
 
 
 @dataclass
