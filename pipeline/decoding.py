@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.backends.base import UnsupportedDecoding
-from pipeline.config import DecodingConfig
+from pipeline.config import OPENAI_APIS, DecodingConfig
 
 
 def strategy(d: DecodingConfig) -> str:
@@ -104,9 +104,6 @@ def vllm_params(d: DecodingConfig, max_new_tokens: int, fixed_length: bool, seed
         min_tokens=max_new_tokens if fixed_length else 0,
         ignore_eos=fixed_length,
     )
-
-
-OPENAI_APIS = ("completions", "chat")
 
 
 def openai_body(

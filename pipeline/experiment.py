@@ -118,6 +118,8 @@ def score(spec: Config, model_dir: str, backend: Backend, records: list[RequestR
     if spec.scoring.diversity and texts:
         out.update(diversity.diversity_metrics(
             texts, max_self_bleu_samples=spec.scoring.self_bleu_max_samples, seed=spec.seed))
+    # servers without token ids (plain OpenAI endpoints) cannot be scored token-exactly
+    ok = [r for r in ok if r.output_token_ids] if not spec.scoring.scorer_path else ok
     if spec.scoring.perplexity and any(r.output_tokens for r in ok):
         scorer, device, reuse = _scorer(spec, model_dir, backend)
         by_index = {q.index: q for q in requests}
@@ -243,6 +245,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
         results["status"] = "FAILED"
         results["error"] = "KeyboardInterrupt: interrupted by the user (Ctrl-C)"
     except Exception as e:
+        records = list(getattr(e, "records", None) or [])  # e.g. every request's error
         results["status"] = "FAILED"
         results["error"] = f"{type(e).__name__}: {e}"
         job_dir.mkdir(parents=True, exist_ok=True)

@@ -153,7 +153,7 @@ def log_job(cfg: Any, results: Mapping[str, Any], job_dir: Path,
     run_id = run.info.run_id
     try:
         _log_batches(client, run_id, metrics=results.get("metrics", {}), params=params)
-        for f in ("results.json", "config.yaml", "error.txt"):
+        for f in ("results.json", "config.yaml", "error.txt", "server.log"):
             if (job_dir / f).is_file():
                 client.log_artifact(run_id, str(job_dir / f))
         hydra_dir = job_dir / ".hydra"
