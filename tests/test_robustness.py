@@ -198,3 +198,14 @@ def test_unreachable_tracking_keeps_results_and_sync_logs_them_later(tmp_path: P
     s2 = subprocess.run([sys.executable, "-m", "pipeline.sync", str(job), "--tracking-uri",
                          store], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert "0 run(s) logged" in s2.stdout
+
+
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_preset_validates_as_a_sweep(name: str, tmp_path: Path) -> None:
+    p = run_cli("-m", f"+experiment={name}", "dry_run=true", f"paths.output_dir={tmp_path}",
+                timeout=180)
+    assert p.returncode == 0, p.stdout[-1500:] + p.stderr[-1500:]
+    assert p.stdout.count("valid: ") >= 2  # each preset sweeps at least two jobs
