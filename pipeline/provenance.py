@@ -79,11 +79,16 @@ def hardware() -> dict[str, Any]:
     return hw
 
 
+def command_line() -> str:
+    """The command as typed (script name and its arguments)."""
+    return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
 def collect(overrides: list[str]) -> dict[str, Any]:
     """Everything needed to say where a number came from and to rerun it."""
     return {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": command_line(),
         "overrides": overrides,
         "git_commit": git_commit(),
         "versions": package_versions(),

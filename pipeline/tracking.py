@@ -242,7 +242,7 @@ class SweepCallback(Callback):
             run = client.create_run(exp_id, run_name=f"sweep-{sweep_dir.name}", tags={
                 "sweep_dir": str(sweep_dir.resolve()),
                 "hydra_overrides": " ".join(overrides),
-                "command": provenance.collect(overrides)["command"],
+                "command": provenance.command_line(),
                 "git_commit": provenance.git_commit(),
                 "kind": "sweep",
             })
