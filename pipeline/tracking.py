@@ -277,6 +277,11 @@ class SweepCallback(Callback):
         print(f"Sweep wall time {wall:.1f} s; measured generation {gen:.1f} s "
               f"({100 * gen / wall:.0f}% of the sweep)")
         efficiency = {"sweep_wall_s": wall, "sweep_generate_share": gen / wall}
+        reuse = [r["metrics"]["engine_reused"] for r in rows if "engine_reused" in r["metrics"]]
+        if reuse:  # vLLM jobs: an engine start costs tens of seconds, so say how many
+            starts = sum(1 for v in reuse if not v)
+            print(f"vLLM engine starts: {starts} for {len(reuse)} vLLM job(s)")
+            efficiency["sweep_engine_starts"] = starts
         from pipeline.parity import report_sweep_parity
 
         report_sweep_parity(config, sweep_dir)  # jobs differing only in backend, if any

@@ -133,6 +133,10 @@ class HFBackend(Backend):
             # C++ wrapper removes Python from the per-step launch path
             inductor.freezing = self.cfg.inductor_freezing
             inductor.cpp_wrapper = self.cfg.inductor_cpp_wrapper
+            # max-autotune prints a table per matmul shape (hundreds of lines): keep the
+            # job's output readable; compile_s still reports what autotuning cost
+            inductor.max_autotune_report_choices_stats = False
+            inductor.autotune_num_choices_displayed = 0
             self.model.forward = torch.compile(self.model.forward, mode=self.cfg.compile_mode)
             _COMPILED[key] = (self.model, self.tokenizer)
 
