@@ -1,9 +1,10 @@
 """Does the pipeline distort what it measures? Bare ``model.generate`` vs the pipeline's
 ``hf`` job, same prompts and settings, in one process.
 
-    python benchmarks/overhead.py [--batch-size 4] [--new-tokens 32] [--rounds 2]
+    python benchmarks/overhead.py [--batch-size 4] [--new-tokens 32] [--rounds 6]
 
-Rounds alternate bare / pipeline so that drift (thermal, a noisy neighbour) hits both.
+Rounds alternate bare / pipeline in ABBA order so that drift (thermal, a noisy
+neighbour) hits both; medians, because single batches on a shared 2-core VM vary by ±15%.
 Prints tokens/s of each, their ratio, and the pipeline job's time breakdown.
 """
 
@@ -76,7 +77,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=6)
     args = ap.parse_args()
 
     from pipeline.config import ModelConfig
@@ -87,7 +88,8 @@ def main() -> int:
     overrides = [f"workload.batch_size={args.batch_size}",
                  f"workload.max_new_tokens={args.new_tokens}", "workload.fixed_length=true",
                  "workload.warmup=1", f"paths.output_dir={out}",
-                 f"paths.cache_dir={ROOT / 'outputs' / 'cache'}", "print_table=false"]
+                 f"paths.cache_dir={ROOT / 'outputs' / 'cache'}", "print_table=false",
+                 f"tracking.uri=sqlite:///{out}/mlflow.db"]  # a throwaway store
     from hydra import compose, initialize_config_dir
 
     from pipeline.config import register_configs
@@ -98,19 +100,27 @@ def main() -> int:
 
     bare, piped, jobs = [], [], []
     for r in range(args.rounds):
-        bare.append(bare_tokens_per_s(model_dir, prompts, args.batch_size, args.new_tokens))
-        job = pipeline_job(overrides, out)
-        jobs.append(job)
-        piped.append(job["metrics"]["output_tokens_per_s"])
-        print(f"round {r + 1}: bare {bare[-1]:.2f} tok/s, pipeline {piped[-1]:.2f} tok/s",
-              flush=True)
-    b, p = statistics.mean(bare), statistics.mean(piped)
+        # ABBA order: a drift in machine speed within a round favours neither side
+        order = ("bare", "pipeline") if r % 2 == 0 else ("pipeline", "bare")
+        for side in order:
+            if side == "bare":
+                bare.append(bare_tokens_per_s(model_dir, prompts, args.batch_size,
+                                              args.new_tokens))
+            else:
+                jobs.append(pipeline_job(overrides, out))
+                piped.append(jobs[-1]["metrics"]["output_tokens_per_s"])
+        print(f"round {r + 1} ({' then '.join(order)}): bare {bare[-1]:.2f} tok/s, "
+              f"pipeline {piped[-1]:.2f} tok/s, ratio {piped[-1] / bare[-1]:.3f}", flush=True)
+    b, p = statistics.median(bare), statistics.median(piped)
+    paired = [q / c for q, c in zip(piped, bare, strict=True)]
     print(f"\n{len(prompts)} prompts, batch {args.batch_size}, {args.new_tokens} new tokens "
-          f"fixed, fp32 sdpa, {args.rounds} rounds")
-    print(f"{'':28}{'tok/s':>10}")
-    print(f"{'bare model.generate':28}{b:10.2f}")
-    print(f"{'pipeline hf job':28}{p:10.2f}")
-    print(f"{'ratio pipeline / bare':28}{p / b:10.3f}")
+          f"fixed, fp32 sdpa, {args.rounds} rounds (medians)")
+    print(f"{'':28}{'tok/s':>10}{'min':>9}{'max':>9}")
+    print(f"{'bare model.generate':28}{b:10.2f}{min(bare):9.2f}{max(bare):9.2f}")
+    print(f"{'pipeline hf job':28}{p:10.2f}{min(piped):9.2f}{max(piped):9.2f}")
+    print(f"{'ratio of medians':28}{p / b:10.3f}")
+    print(f"{'median of paired ratios':28}{statistics.median(paired):10.3f}"
+          f"{min(paired):9.3f}{max(paired):9.3f}")
     job = jobs[-1]
     m = job["metrics"]
     phases = {k[5:-2]: v for k, v in m.items() if k.startswith("time_") and k.endswith("_s")}

@@ -29,3 +29,27 @@ def test_gpu_check_smoke_on_cpu(tmp_path: Path) -> None:
 def test_assets_stay_small() -> None:
     size = sum(f.stat().st_size for f in (ROOT / "benchmarks" / "assets").rglob("*"))
     assert size < 5 * 2**20
+
+
+def test_overhead_benchmark_runs(tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, "benchmarks/overhead.py", "--rounds", "1",
+                        "--new-tokens", "4"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for line in ("bare model.generate", "pipeline hf job", "ratio of medians",
+                 "job time breakdown", "outside load + generation + scoring"):
+        assert line in p.stdout, p.stdout
+
+
+def test_profile_script_splits_the_step() -> None:
+    p = subprocess.run([sys.executable, "benchmarks/profile_fast_path.py", "--backend", "hf",
+                        "--dtype", "float32", "--new-tokens", "6", "--top", "5"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = {line[:34].strip(): line[34:].split() for line in p.stdout.splitlines()
+            if line[:34].strip() and len(line) > 34}
+    step = float(rows["decode step (generate)"][0])
+    parts = float(rows["of which model forward"][0]) + float(
+        rows["of which generate's own work"][0])
+    assert step > 0 and parts == pytest.approx(step, rel=1e-3)
+    assert "Self CPU" in p.stdout  # the profiler's op table

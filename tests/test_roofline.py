@@ -53,3 +53,13 @@ def test_parameter_count_from_safetensors_header(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header
                                                  + bytes(68))
     assert safetensors_parameters(tmp_path) == 3 * 4 + 5
+
+
+def test_measured_rates_never_fall_below_float32_matmul() -> None:
+    # Real measurement (about a second): on CPUs without bf16 instructions torch's bf16
+    # matmul is ~100x slower than float32; the machine limit must not inherit that.
+    from pipeline.measure.roofline import measure_rates
+
+    r = measure_rates("cpu", "bfloat16")
+    assert r["bandwidth_bytes_per_s"] > 1e8
+    assert r["matmul_flops_per_s"] >= r["matmul_flops_per_s_native_dtype"] > 0
