@@ -63,30 +63,48 @@ def main() -> int:
     backend.generate(reqs, spec.decoding, **gen)
     warm = time.perf_counter() - t0
 
-    forward_s: list[float] = []
+    # The forward's share comes from the profiler: for compiled models, dynamo's own
+    # "Torch-Compiled Region" events (wrapping a compiled forward would change the module
+    # and trigger a recompilation); otherwise a record_function around forward.
+    compiled = backend.cfg.compile
     inner = backend.model.forward
+    if not compiled:
+        def marked_forward(*a: object, **kw: object) -> object:
+            with torch.profiler.record_function("model.forward"):
+                return inner(*a, **kw)
 
-    def timed_forward(*a: object, **kw: object) -> object:
-        t = time.perf_counter()
-        out = inner(*a, **kw)
-        forward_s.append(time.perf_counter() - t)
-        return out
-
-    backend.model.forward = timed_forward
+        backend.model.forward = marked_forward
     try:
         t0 = time.perf_counter()
         recs = backend.generate(reqs, spec.decoding, **gen)
         total = time.perf_counter() - t0
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
             backend.generate(reqs, spec.decoding, **gen)
+            profiled = time.perf_counter() - t0
     finally:
         backend.model.forward = inner
-
+    mark = "Torch-Compiled Region" if compiled else "model.forward"
+    fwd = sorted((e for e in prof.events() if e.name.startswith(mark)),
+                 key=lambda e: e.time_range.start)
+    if compiled:  # graph breaks split a forward into regions: keep the outermost ones
+        outer, end = [], -1.0
+        for e in fwd:
+            if e.time_range.start >= end:
+                outer.append(e)
+                end = e.time_range.end
+        fwd = outer
+    fwd_s = [e.time_range.elapsed_us() / 1e6 for e in fwd]
     applied = backend.applied_settings()
     steps = len(recs[0].output_token_ids)
-    prefill, decode = forward_s[0], forward_s[1:steps]
+    # per step from the profiled call (forward and total under the same profiler), scaled
+    # to the unprofiled call's step time
+    regions_per_step = max(1, len(fwd_s) // steps)
+    prefill = sum(fwd_s[:regions_per_step])
+    decode_fwd = sum(fwd_s[regions_per_step:])
+    share = decode_fwd / max(1e-9, profiled - prefill)
     decode_step = (total - prefill) / max(1, steps - 1)
-    fwd_step = sum(decode) / max(1, len(decode))
+    fwd_step = share * decode_step
     rates = cached_rates(cache, "cpu", applied["dtype"])
     params = applied["num_parameters"]
     weight_bytes = params * DTYPE_BYTES[applied["dtype"]]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -227,6 +228,30 @@ def test_parity_sweep_end_to_end(tmp_path: Path, vllm_model_dir: str) -> None:
     with sqlite3.connect(db) as con:
         rows = con.execute(
             "select value from metrics where key = 'parity_exact_match_rate'").fetchall()
+    assert rows == [(1.0,)]
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_decoding_sweep_on_vllm_starts_the_engine_once(tmp_path: Path) -> None:
+    """The +experiment=vllm_sweep idea at small size: jobs that differ only in decoding
+    and batch share one engine, and the sweep summary says so."""
+    p = subprocess.run(
+        [sys.executable, "run.py", "-m", "backend=vllm", "decoding=greedy,topp,combined",
+         f"paths.output_dir={tmp_path}", f"paths.cache_dir={CACHE}",
+         "workload.num_prompts=2", "workload.max_new_tokens=8", "scoring.perplexity=false"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "vLLM engine starts: 1 for 3 vLLM job(s)" in p.stdout, p.stdout[-2000:]
+    assert re.search(r"Sweep wall time [\d.]+ s; measured generation [\d.]+ s \(\d+% of",
+                     p.stdout)
+    reused = sorted(json.loads(f.read_text())["metrics"]["engine_reused"]
+                    for f in tmp_path.glob("multirun/*/*/results.json"))
+    assert reused == [0.0, 1.0, 1.0]
+    with sqlite3.connect(tmp_path / "mlflow" / "mlflow.db") as con:
+        rows = con.execute(
+            "select value from metrics where key = 'sweep_engine_starts'").fetchall()
     assert rows == [(1.0,)]
 
 
