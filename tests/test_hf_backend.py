@@ -87,3 +87,40 @@ def test_flash_attention_2_on_cpu_fails_before_loading(model_dir: str) -> None:
     with pytest.raises(ConfigError, match="flash_attention_2.*missing.*use sdpa"):
         b.load()
     assert b.model is None
+
+
+def test_compile_cost_is_counted_per_job_and_shape(tmp_path) -> None:
+    """compile_s / compiled_graphs: a new model compiles, a cached one with a known shape
+    does not, and a new batch shape on the cached model compiles again (session 2 found a
+    reused model's recompilation for batch 8 reported as no compile at all)."""
+    import json
+    import shutil
+
+    from tests.conftest import ROOT
+
+    src = ROOT / "benchmarks" / "assets" / "smollm2-135m"
+    for f in src.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["num_hidden_layers"] = 1  # the code path, not the speed: compile in seconds
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    model = ModelConfig(name="tiny", source="hf", path=str(tmp_path), weights="random",
+                        dtype="float32", device="cpu")
+    hf = HFBackendConfig(cache_implementation="static", compile=True)
+    d = DecodingConfig()
+
+    def job(batch: int) -> tuple[dict, bool]:
+        with HFBackend(str(tmp_path), model, hf, seed=0) as b:
+            reqs = make_requests(QUICK[:batch], b.tokenizer, use_chat_template=True)
+            for _ in range(2):  # warm-up, then a "measured" call of the same shape
+                b.generate(reqs, d, max_new_tokens=4, fixed_length=True)
+            return b.extra_metrics(), b.compile_reused
+
+    first, reused = job(1)
+    assert not reused and first["compiled_graphs"] > 0 and first["compile_s"] > 0
+    assert first["compiled_graphs_after_warmup"] == 0
+    again, reused = job(1)
+    assert reused and again == {"compile_s": 0.0, "compiled_graphs": 0.0,
+                                "compiled_graphs_after_warmup": 0.0}
+    wider, reused = job(2)
+    assert reused and wider["compiled_graphs"] > 0 and wider["compile_s"] > 0

@@ -90,6 +90,9 @@ class HFBackend(Backend):
         self.sync: Sync = no_sync
         self.compile_s: float | None = None
         self.compile_reused = False
+        self.compiled_graphs = 0
+        self.late_compiled_graphs = 0
+        self._calls = 0
 
     def load(self) -> None:
         import torch
@@ -177,6 +180,7 @@ class HFBackend(Backend):
             kw["cache_implementation"] = self.cfg.cache_implementation
         step_clock = _StepClock(self.sync)
         torch.manual_seed(self.seed)
+        graphs_before = _compiled_graph_count() if self.cfg.compile else 0
         with torch.inference_mode(), self._sdpa_context():
             t_start = clock(self.sync)
             out = self.model.generate(
@@ -185,8 +189,20 @@ class HFBackend(Backend):
                 stopping_criteria=[step_clock], **kw,
             )
             t_end = clock(self.sync)
-        if self.cfg.compile and self.compile_s is None and not self.compile_reused:
-            self.compile_s = t_end - t_start  # first call = compilation (+ one generation)
+        self._calls += 1
+        if self.cfg.compile:
+            # a call that compiled (a new model, or a new shape for a cached one) costs
+            # compilation + one generation; the sum is this job's compile_s
+            new_graphs = _compiled_graph_count() - graphs_before
+            if new_graphs:
+                self.compile_s = (self.compile_s or 0.0) + (t_end - t_start)
+                self.compiled_graphs += new_graphs
+                if self._calls > 1:  # after the warm-up: inside the measured phase
+                    self.late_compiled_graphs += new_graphs
+                    print(f"warning: torch.compile built {new_graphs} graph(s) during the "
+                          f"measured phase (a new batch shape); its time is in the figures "
+                          f"- use equal batch sizes and prompt lengths within "
+                          f"{PAD_BUCKET}-token buckets", flush=True)
         records = []
         for i, r in enumerate(requests):
             ids = out[i, width:].tolist()
@@ -202,9 +218,10 @@ class HFBackend(Backend):
         return records
 
     def extra_metrics(self) -> dict[str, float]:
-        if self.compile_s is None:
+        if not self.cfg.compile:
             return {}
-        return {"compile_s": self.compile_s}
+        return {"compile_s": self.compile_s or 0.0, "compiled_graphs": float(self.compiled_graphs),
+                "compiled_graphs_after_warmup": float(self.late_compiled_graphs)}
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -236,6 +253,13 @@ class HFBackend(Backend):
             "num_parameters": sum(p.numel() for p in m.parameters()),
             "weights": self.model_cfg.weights,
         }
+
+
+def _compiled_graph_count() -> int:
+    """Graphs torch.compile has built in this process so far (dynamo's own counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def _cut_at_eos(ids: list[int], eos_ids: set[int], keep_all: bool) -> list[int]:
