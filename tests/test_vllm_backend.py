@@ -237,7 +237,7 @@ def test_decoding_sweep_on_vllm_starts_the_engine_once(tmp_path: Path) -> None:
     """The +experiment=vllm_sweep idea at small size: jobs that differ only in decoding
     and batch share one engine, and the sweep summary says so."""
     p = subprocess.run(
-        [sys.executable, "run.py", "-m", "backend=vllm", "decoding=greedy,topp,combined",
+        [sys.executable, "run.py", "-m", "backend=vllm", "decoding=greedy,topp,chatbot",
          f"paths.output_dir={tmp_path}", f"paths.cache_dir={CACHE}",
          "workload.num_prompts=2", "workload.max_new_tokens=8", "scoring.perplexity=false"],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
