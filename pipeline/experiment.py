@@ -302,18 +302,15 @@ def _measure_machine_early(spec: Config) -> None:
     """Measure the machine's rates for the roofline (once per machine, cached) before the
     model loads: after a job, compile workers or engine processes may still be busy and
     the bandwidth would read low (seen: 23.7 instead of 30.9 GB/s)."""
+    from pipeline.backends.hf import torch_device, torch_dtype
     from pipeline.measure.roofline import DTYPE_BYTES, cached_rates
 
-    dtype = getattr(spec.backend, "dtype", None) or spec.model.dtype
-    try:
-        import torch
-
-        cuda = spec.model.device == "cuda" or (spec.model.device == "auto"
-                                               and torch.cuda.is_available())
-        if dtype == "auto":
-            dtype = "bfloat16" if cuda else "float32"
+    try:  # the same auto rules the hf backend applies when it loads
+        device = "cuda" if torch_device(spec.model.device) == "cuda" else "cpu"
+        name = getattr(spec.backend, "dtype", None) or spec.model.dtype
+        dtype = str(torch_dtype(name)).removeprefix("torch.")
         if dtype in DTYPE_BYTES:
-            cached_rates(Path(spec.paths.cache_dir).resolve(), "cuda" if cuda else "cpu", dtype)
+            cached_rates(Path(spec.paths.cache_dir).resolve(), device, dtype)
     except Exception as e:  # the roofline is measured after the job instead
         log.warning("machine rates not measured before loading: %s", e)
 
