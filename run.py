@@ -8,7 +8,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.config import ConfigError, check_group_choices, register_configs
+from pipeline.config import check_group_choices, register_configs
+from pipeline.errors import ConfigError, JobFailed
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 register_configs()
@@ -17,12 +18,11 @@ register_configs()
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
     """Hand the composed config to the experiment; config errors exit 2 in one line."""
-    from pipeline.backends.base import UnsupportedDecoding
-    from pipeline.experiment import JobFailed, run_job
+    from pipeline.experiment import run_job
 
     try:
         run_job(cfg)
-    except (ConfigError, UnsupportedDecoding) as e:
+    except ConfigError as e:  # UnsupportedDecoding included
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except JobFailed as e:

@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline import provenance  # noqa: E402
-from pipeline.backends.hf import HFBackend  # noqa: E402
-from pipeline.config import DecodingConfig, HFBackendConfig, ModelConfig  # noqa: E402
+from pipeline.backends.hf import HFBackend, HFBackendConfig  # noqa: E402
+from pipeline.config import DecodingConfig, ModelConfig  # noqa: E402
 from pipeline.measure.memory import PeakRSSSampler, cuda_peaks, cuda_reset_peaks  # noqa: E402
 from pipeline.measure.roofline import DTYPE_BYTES, roofline_tokens_per_s  # noqa: E402
 from pipeline.measure.timing import clock  # noqa: E402

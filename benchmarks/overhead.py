@@ -67,7 +67,7 @@ def pipeline_job(overrides: list[str], out_dir: Path) -> dict:
     with open_dict(task):
         del task["hydra"]
     t0 = time.perf_counter()
-    results = run_job(task)
+    results = run_job(task).to_dict()
     results["job_wall_s"] = time.perf_counter() - t0
     return results
 

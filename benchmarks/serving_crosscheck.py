@@ -114,10 +114,11 @@ def run_ours(backend: Any, requests: list[Any], a: argparse.Namespace) -> dict[s
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Start the server, run both clients, print the table; returns the figures."""
-    from pipeline.backends.base import Request
-    from pipeline.backends.vllm_server import VLLMServerBackend, stop_servers
-    from pipeline.config import DecodingConfig, ModelConfig, VLLMServerBackendConfig
+    from pipeline.backends.vllm.common import VLLMServerBackendConfig
+    from pipeline.backends.vllm.server import VLLMServerBackend
+    from pipeline.config import DecodingConfig, ModelConfig
     from pipeline.models import resolve_model
+    from pipeline.records import Request
 
     a = parse_args(argv)
     # vLLM's client trusts proxy settings from the environment: keep loopback direct.
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         figures = report(a, ours, theirs, backend)
     finally:
         backend.close()
-        stop_servers()
+        VLLMServerBackend.shutdown_cached()
     if a.json:
         Path(a.json).write_text(json.dumps(figures, indent=1))
     return figures

@@ -10,6 +10,7 @@ except checking that a named file exists.
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -17,18 +18,13 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from pipeline.errors import ConfigError
+
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 DEVICES = ("auto", "cpu", "cuda")
 WEIGHTS = ("pretrained", "random")
 MODEL_SOURCES = ("packaged", "hf")
-ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "sdpa_flash", "flash_attention_2")
-CACHE_IMPLEMENTATIONS = ("dynamic", "static")
 ARRIVALS = ("poisson", "gamma")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot be used; the message is one line meant for the user."""
 
 
 @dataclass
@@ -50,90 +46,6 @@ class ModelConfig:
 
 
 @dataclass
-class BackendConfig:
-    """Fields every backend shares; each backend's schema extends it."""
-
-    name: str = MISSING
-
-
-@dataclass
-class HFBackendConfig(BackendConfig):
-    """transformers ``generate`` in this process."""
-
-    name: str = "hf"
-    attn_implementation: str = "sdpa"
-    use_cache: bool = True
-    cache_implementation: str = "dynamic"
-    compile: bool = False
-    compile_mode: str = "default"
-    inductor_freezing: bool = False
-    inductor_cpp_wrapper: bool = False
-    dtype: str | None = None
-    num_threads: int | None = None
-
-
-@dataclass
-class VLLMBackendConfig(BackendConfig):
-    """The vLLM offline engine (``vllm.LLM``) in this process and its engine children."""
-
-    name: str = "vllm"
-    dtype: str | None = None
-    max_model_len: int = 2048
-    enforce_eager: bool = True
-    gpu_memory_utilization: float = 0.9
-    tensor_parallel_size: int = 1
-    max_num_seqs: int = 256
-    enable_prefix_caching: bool = False
-    seed: int | None = None
-    cpu_kvcache_space_gib: int = 1
-    cpu_omp_threads_bind: str = "all"
-
-
-OPENAI_APIS = ("completions", "chat")
-PROMPT_FORMATS = ("auto", "token_ids", "text")
-
-
-@dataclass
-class OpenAIBackendConfig(BackendConfig):
-    """Any running OpenAI-compatible server (vLLM, TGI's Messages API, SGLang...), driven
-    by the streaming client. ``api_key_env`` names an environment variable: the key itself
-    is never part of the config, so it never reaches params, tags or logs."""
-
-    name: str = "openai"
-    base_url: str = "http://127.0.0.1:8000/v1"
-    model: str | None = None
-    api: str = "completions"
-    api_key_env: str | None = None
-    stream: bool = True
-    vllm_extensions: bool = False
-    prompt_format: str = "auto"
-    connect_timeout_s: float = 10.0
-
-
-@dataclass
-class VLLMServerBackendConfig(BackendConfig):
-    """A vLLM OpenAI-compatible server started by the pipeline on 127.0.0.1 (one per
-    distinct settings, shared by the jobs of a sweep), driven by the streaming client."""
-
-    name: str = "vllm_server"
-    api: str = "completions"
-    dtype: str | None = None
-    max_model_len: int = 2048
-    max_num_seqs: int = 256
-    gpu_memory_utilization: float = 0.9
-    enforce_eager: bool = True
-    enable_prefix_caching: bool = False
-    tensor_parallel_size: int = 1
-    seed: int | None = None
-    cpu_kvcache_space_gib: int = 1
-    cpu_omp_threads_bind: str = "all"
-    startup_timeout_s: float = 600.0
-    extra_args: list[str] = field(default_factory=list)
-    log_dir: str = "outputs/servers"
-    cache_root: str | None = None
-
-
-@dataclass
 class DecodingConfig:
     """One decoding strategy. Greedy unless ``do_sample`` or ``num_beams > 1``;
     0 disables ``top_k`` and ``no_repeat_ngram_size``."""
@@ -151,19 +63,49 @@ class DecodingConfig:
 
 @dataclass
 class WorkloadConfig:
-    """What to send: prompts (inline or from a file), batching, lengths, repeats."""
+    """What to send: prompts (inline, from a file or dataset, or synthetic of exact token
+    lengths), batching, lengths, repeats. Lengths count rendered tokens (chat template
+    included), as the model sees them."""
 
     name: str = "quick"
+    #: "prompts": inline ``prompts`` or ``prompts_file``; "synthetic": built from the
+    #: shipped corpus at exact lengths (needs ``num_prompts``)
+    source: str = "prompts"
     prompts: list[str] = field(default_factory=list)
     prompts_file: str | None = None
     num_prompts: int | None = None
     batch_size: int = 4
+    #: the output length (output_dist=fixed) or the output distribution's mean
     max_new_tokens: int = 32
     fixed_length: bool = False
     warmup: int = 1
     repeats: int = 1
     max_prompt_chars: int = 20000
     max_file_bytes: int = 10_000_000
+    # Files and datasets (.txt/.jsonl/.csv/.parquet, a save_to_disk folder)
+    prompt_field: str = "prompt"
+    reference_field: str | None = None
+    id_field: str | None = None
+    split: str | None = None
+    #: longest rendered prompt accepted; longer ones are cut or refused (on_too_long)
+    max_input_tokens: int | None = None
+    on_too_long: str = "refuse"
+    # Synthetic inputs: fixed | uniform (input_min..input_max) | normal | lognormal (mean
+    # input_tokens, std input_std, clipped to input_min..input_max)
+    input_tokens: int = 128
+    input_dist: str = "fixed"
+    input_std: float | None = None
+    input_min: int | None = None
+    input_max: int | None = None
+    # Output lengths, the same distributions around max_new_tokens (per request)
+    output_dist: str = "fixed"
+    output_std: float | None = None
+    output_min: int | None = None
+    output_max: int | None = None
+    # Synthetic shared prefixes: prefix_groups contiguous groups whose requests share
+    # exactly their first shared_prefix_tokens rendered tokens
+    shared_prefix_tokens: int = 0
+    prefix_groups: int = 1
     # Online backends (servers) only: the arrival process and client-side limits.
     concurrency: int | None = None
     request_rate: float | None = None
@@ -202,6 +144,17 @@ class ScoringConfig:
     scorer_dtype: str = "float32"
     diversity: bool = True
     self_bleu_max_samples: int | None = 200
+    #: sequences the perplexity scorer runs per forward pass
+    batch_size: int = 8
+
+
+@dataclass
+class MeasureConfig:
+    """How the measured phase is observed."""
+
+    #: where the kernel refuses to reset a process's memory high-water mark, a thread
+    #: samples RSS this often instead (each sample stalls a 2-core machine a little)
+    rss_sample_interval_s: float = 0.25
 
 
 @dataclass
@@ -215,44 +168,40 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
     seed: int = 0
     print_table: bool = True
     dry_run: bool = False
     resume: bool = False
 
 
-BACKEND_SCHEMAS: dict[str, type[BackendConfig]] = {
-    "hf": HFBackendConfig,
-    "vllm": VLLMBackendConfig,
-    "openai": OpenAIBackendConfig,
-    "vllm_server": VLLMServerBackendConfig,
-}
-
-
 def register_configs() -> None:
-    """Register the schemas so yaml files can extend them (``defaults: [<x>_schema]``)."""
+    """Register the schemas so yaml files can extend them (``defaults: [<x>_schema]``).
+
+    Backends have none here: each backend class owns its schema (``config_class``), and
+    :func:`validate` checks ``backend.*`` against the class the yaml names in ``impl``."""
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="decoding", name="decoding_schema", node=DecodingConfig)
     cs.store(group="workload", name="workload_schema", node=WorkloadConfig)
-    for name, schema in BACKEND_SCHEMAS.items():
-        cs.store(group="backend", name=f"{name}_schema", node=schema)
 
 
 # ---------------------------------------------------------------------------- validation
 
 
-def _fail(key: str, value: Any, allowed: str) -> None:
+def fail(key: str, value: Any, allowed: str) -> None:
+    """Raise the one-line error every bad value gets: key, value, what is allowed."""
     raise ConfigError(f"{key}={value!r} is invalid: {allowed}")
 
 
-def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    """``value`` must be one of ``choices``."""
     if value not in choices:
-        _fail(key, value, f"allowed values are {', '.join(choices)}")
+        fail(key, value, f"allowed values are {', '.join(choices)}")
 
 
-def _range(
+def check_range(
     key: str,
     value: float | int | None,
     lo: float | None = None,
@@ -260,73 +209,133 @@ def _range(
     lo_open: bool = False,
     optional: bool = False,
 ) -> None:
+    """``value`` must be a finite number in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``);
+    ``None`` passes only when ``optional``."""
     if value is None:
         if not optional:
-            _fail(key, value, "a value is required")
+            fail(key, value, "a value is required")
         return
     if isinstance(value, float) and not math.isfinite(value):
-        _fail(key, value, "must be a finite number")
+        fail(key, value, "must be a finite number")
     if lo is not None and (value <= lo if lo_open else value < lo):
-        _fail(key, value, f"must be {'>' if lo_open else '>='} {lo}")
+        fail(key, value, f"must be {'>' if lo_open else '>='} {lo}")
     if hi is not None and value > hi:
-        _fail(key, value, f"must be <= {hi}")
+        fail(key, value, f"must be <= {hi}")
 
 
 def validate_decoding(d: DecodingConfig, prefix: str = "decoding") -> None:
     """Range checks for a decoding spec (shared by every backend)."""
-    _range(f"{prefix}.temperature", d.temperature, 0.0)
+    check_range(f"{prefix}.temperature", d.temperature, 0.0)
     if d.do_sample and d.temperature == 0:
-        _fail(f"{prefix}.temperature", d.temperature,
+        fail(f"{prefix}.temperature", d.temperature,
               "must be > 0 when do_sample=true (use decoding=greedy for temperature 0)")
-    _range(f"{prefix}.top_k", d.top_k, 0)
-    _range(f"{prefix}.top_p", d.top_p, 0.0, 1.0, lo_open=True)
-    _range(f"{prefix}.num_beams", d.num_beams, 1)
-    _range(f"{prefix}.repetition_penalty", d.repetition_penalty, 0.0, lo_open=True)
-    _range(f"{prefix}.no_repeat_ngram_size", d.no_repeat_ngram_size, 0)
-    _range(f"{prefix}.length_penalty", d.length_penalty)
+    check_range(f"{prefix}.top_k", d.top_k, 0)
+    check_range(f"{prefix}.top_p", d.top_p, 0.0, 1.0, lo_open=True)
+    check_range(f"{prefix}.num_beams", d.num_beams, 1)
+    check_range(f"{prefix}.repetition_penalty", d.repetition_penalty, 0.0, lo_open=True)
+    check_range(f"{prefix}.no_repeat_ngram_size", d.no_repeat_ngram_size, 0)
+    check_range(f"{prefix}.length_penalty", d.length_penalty)
+    if not d.do_sample:
+        # Greedy and plain beam search ignore the sampling filters: accepting them would
+        # drop them silently on every engine.
+        for key, value, neutral in (("temperature", d.temperature, 1.0),
+                                    ("top_k", d.top_k, 0), ("top_p", d.top_p, 1.0)):
+            if value != neutral:
+                fail(f"{prefix}.{key}", value,
+                     f"only applies when sampling; set {prefix}.do_sample=true (e.g. "
+                     f"decoding=temperature/topk/topp) or leave it at {neutral}")
 
 
 def validate_workload(w: WorkloadConfig) -> None:
     """Range checks and prompt-source checks (existence only; contents are read later)."""
-    _range("workload.batch_size", w.batch_size, 1)
-    _range("workload.max_new_tokens", w.max_new_tokens, 1, 1_000_000)
-    _range("workload.num_prompts", w.num_prompts, 1, optional=True)
-    _range("workload.warmup", w.warmup, 0)
-    _range("workload.repeats", w.repeats, 1, 1000)
-    _range("workload.max_prompt_chars", w.max_prompt_chars, 1)
-    _range("workload.max_file_bytes", w.max_file_bytes, 1)
-    _range("workload.concurrency", w.concurrency, 1, optional=True)
-    _range("workload.request_rate", w.request_rate, 0.0, lo_open=True, optional=True)
-    _choice("workload.arrival", w.arrival, ARRIVALS)
-    _range("workload.burstiness", w.burstiness, 0.0, lo_open=True)
-    _range("workload.request_timeout_s", w.request_timeout_s, 0.0, lo_open=True)
+    check_range("workload.batch_size", w.batch_size, 1)
+    check_range("workload.max_new_tokens", w.max_new_tokens, 1, 1_000_000)
+    check_range("workload.num_prompts", w.num_prompts, 1, optional=True)
+    check_range("workload.warmup", w.warmup, 0)
+    check_range("workload.repeats", w.repeats, 1, 1000)
+    check_range("workload.max_prompt_chars", w.max_prompt_chars, 1)
+    check_range("workload.max_file_bytes", w.max_file_bytes, 1)
+    check_range("workload.concurrency", w.concurrency, 1, optional=True)
+    check_range("workload.request_rate", w.request_rate, 0.0, lo_open=True, optional=True)
+    check_choice("workload.arrival", w.arrival, ARRIVALS)
+    check_range("workload.burstiness", w.burstiness, 0.0, lo_open=True)
+    check_range("workload.request_timeout_s", w.request_timeout_s, 0.0, lo_open=True)
     for slo in ("slo_ttft_ms", "slo_tpot_ms", "slo_e2el_ms"):
-        _range(f"workload.{slo}", getattr(w, slo), 0.0, lo_open=True, optional=True)
+        check_range(f"workload.{slo}", getattr(w, slo), 0.0, lo_open=True, optional=True)
+    # local: the workload package imports this module, and these names are its own
+    from pipeline.workload.files import path_problem
+    from pipeline.workload.lengths import LENGTH_DISTS, length_bounds
+
+    check_choice("workload.source", w.source, ("prompts", "synthetic"))
+    check_choice("workload.on_too_long", w.on_too_long, ("truncate", "refuse"))
+    check_range("workload.max_input_tokens", w.max_input_tokens, 1, optional=True)
+    for side, mean_key in (("input", "input_tokens"), ("output", "max_new_tokens")):
+        dist = getattr(w, f"{side}_dist")
+        check_choice(f"workload.{side}_dist", dist, LENGTH_DISTS)
+        check_range(f"workload.{mean_key}", getattr(w, mean_key), 1, 1_000_000)
+        if dist == "fixed":
+            continue
+        lo, hi = getattr(w, f"{side}_min"), getattr(w, f"{side}_max")
+        check_range(f"workload.{side}_min", lo, 1)  # required: the bounds clip every draw
+        check_range(f"workload.{side}_max", hi, lo)
+        if dist != "uniform":
+            check_range(f"workload.{side}_std", getattr(w, f"{side}_std"), 0.0, lo_open=True)
+    p_tokens = w.shared_prefix_tokens
+    check_range("workload.shared_prefix_tokens", p_tokens, 0)
+    check_range("workload.prefix_groups", w.prefix_groups, 1)
+    if w.source == "synthetic":
+        if w.num_prompts is None:
+            fail("workload.num_prompts", None, "source=synthetic needs the number of prompts")
+        shortest, longest = length_bounds(w.input_dist, w.input_tokens, w.input_min,
+                                          w.input_max)
+        in_key = "workload.input_tokens" if w.input_dist == "fixed" else "workload.input_min"
+        if p_tokens and shortest <= p_tokens:
+            fail("workload.shared_prefix_tokens", p_tokens,
+                 f"must be below the shortest input ({in_key}={shortest}): each request "
+                 f"needs tokens of its own after the prefix")
+        if w.prefix_groups > w.num_prompts:
+            fail("workload.prefix_groups", w.prefix_groups,
+                 f"must be <= workload.num_prompts={w.num_prompts}")
+        if w.max_input_tokens is not None and longest > w.max_input_tokens:
+            fail("workload.max_input_tokens", w.max_input_tokens,
+                 f"is below the longest synthetic input ({longest} tokens)")
+        return
+    if p_tokens or w.prefix_groups > 1:
+        key = "shared_prefix_tokens" if p_tokens else "prefix_groups"
+        fail(f"workload.{key}", getattr(w, key), "shared prefixes need workload.source=synthetic")
     if w.prompts_file:
-        p = Path(w.prompts_file).expanduser()
-        if not p.is_file():
-            _fail("workload.prompts_file", w.prompts_file, "no such file")
-        if p.suffix not in (".txt", ".jsonl"):
-            _fail("workload.prompts_file", w.prompts_file, "must end in .txt or .jsonl")
+        problem = path_problem(w.prompts_file)
+        if problem:
+            fail("workload.prompts_file", w.prompts_file, problem)
     elif not w.prompts:
-        _fail("workload.prompts", [], "give inline prompts or workload.prompts_file")
+        fail("workload.prompts", [], "give inline prompts or workload.prompts_file")
 
 
 def validate_model(m: ModelConfig) -> None:
     """Choice checks; a local model path must exist (hub ids have no '/' prefix or './')."""
-    _choice("model.source", m.source, MODEL_SOURCES)
-    _choice("model.dtype", m.dtype, DTYPES)
-    _choice("model.device", m.device, DEVICES)
-    _choice("model.weights", m.weights, WEIGHTS)
+    check_choice("model.source", m.source, MODEL_SOURCES)
+    check_choice("model.dtype", m.dtype, DTYPES)
+    check_choice("model.device", m.device, DEVICES)
+    check_choice("model.weights", m.weights, WEIGHTS)
+    if m.device == "cuda":
+        from pipeline.devices import cuda_present
+
+        if not cuda_present():
+            fail("model.device", m.device, "no CUDA device is visible on this machine; use "
+                 "model.device=cpu or auto")
     if m.source == "packaged":
         if not (m.gguf_package and m.gguf_file):
-            _fail("model.gguf_file", m.gguf_file,
-                  "source=packaged needs model.gguf_package and model.gguf_file")
+            fail("model.gguf_file", m.gguf_file,
+                 "source=packaged needs model.gguf_package and model.gguf_file")
+        if m.path:
+            # The packaged model would run instead of the user's own: refuse, with the fix.
+            fail("model.path", m.path, f"model={m.name} is the packaged model and takes no "
+                 f"path; to run your own weights use model=hf model.path={m.path}")
     else:
         if not m.path:
-            _fail("model.path", m.path, "source=hf needs a local folder or a hub id")
+            fail("model.path", m.path, "source=hf needs a local folder or a hub id")
         if looks_local(m.path) and not Path(m.path).expanduser().exists():
-            _fail("model.path", m.path, "no such folder")
+            fail("model.path", m.path, "no such folder")
 
 
 def looks_local(path: str) -> bool:
@@ -335,74 +344,67 @@ def looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or p.exists() or path.count("/") != 1
 
 
-def validate_backend(b: Any) -> None:
-    """Backend-specific checks; ``b`` is the typed backend dataclass."""
-    if isinstance(b, HFBackendConfig):
-        _choice("backend.attn_implementation", b.attn_implementation, ATTN_IMPLEMENTATIONS)
-        _choice("backend.cache_implementation", b.cache_implementation, CACHE_IMPLEMENTATIONS)
-        _range("backend.num_threads", b.num_threads, 1, optional=True)
-        _choice("backend.compile_mode", b.compile_mode, COMPILE_MODES)
-        if b.dtype is not None:
-            _choice("backend.dtype", b.dtype, DTYPES)
-    elif isinstance(b, VLLMBackendConfig):
-        if b.dtype is not None:
-            _choice("backend.dtype", b.dtype, DTYPES)
-        _range("backend.max_model_len", b.max_model_len, 16)
-        _range("backend.gpu_memory_utilization", b.gpu_memory_utilization, 0.0, 1.0,
-               lo_open=True)
-        _range("backend.tensor_parallel_size", b.tensor_parallel_size, 1)
-        _range("backend.max_num_seqs", b.max_num_seqs, 1)
-        _range("backend.cpu_kvcache_space_gib", b.cpu_kvcache_space_gib, 1)
-    elif isinstance(b, OpenAIBackendConfig):
-        if not b.base_url.startswith(("http://", "https://")):
-            _fail("backend.base_url", b.base_url, "must start with http:// or https://")
-        _choice("backend.api", b.api, OPENAI_APIS)
-        _choice("backend.prompt_format", b.prompt_format, PROMPT_FORMATS)
-        if b.api == "chat" and b.prompt_format == "token_ids":
-            _fail("backend.prompt_format", b.prompt_format,
-                  "the chat API takes messages, not token ids; use auto or text")
-        if not b.stream:
-            _fail("backend.stream", b.stream, "only streaming is supported (TTFT and ITL "
-                  "need it)")
-        if b.api_key_env is not None and not b.api_key_env.replace("_", "").isalnum():
-            _fail("backend.api_key_env", b.api_key_env,
-                  "must be the NAME of an environment variable holding the key, not the key")
-        _range("backend.connect_timeout_s", b.connect_timeout_s, 0.0, lo_open=True)
-    elif isinstance(b, VLLMServerBackendConfig):
-        _choice("backend.api", b.api, OPENAI_APIS)
-        if b.dtype is not None:
-            _choice("backend.dtype", b.dtype, DTYPES)
-        _range("backend.max_model_len", b.max_model_len, 16)
-        _range("backend.max_num_seqs", b.max_num_seqs, 1)
-        _range("backend.gpu_memory_utilization", b.gpu_memory_utilization, 0.0, 1.0,
-               lo_open=True)
-        _range("backend.tensor_parallel_size", b.tensor_parallel_size, 1)
-        _range("backend.cpu_kvcache_space_gib", b.cpu_kvcache_space_gib, 1)
-        _range("backend.startup_timeout_s", b.startup_timeout_s, 0.0, lo_open=True)
+def _refuse_unknown_keys(node: Any, schema: type, prefix: str) -> None:
+    """Keys a schema does not have are refused, naming the allowed ones: a typo such as
+    ``+decoding.temprature=0.3`` would otherwise run with the default silently."""
+    if not isinstance(node, dict):
+        return
+    hints = typing.get_type_hints(schema)
+    allowed = [f.name for f in fields(schema)]
+    for key, value in node.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in allowed:
+            fail(full, value, f"unknown key; allowed keys are {', '.join(sorted(allowed))}")
+        sub = hints.get(key)
+        if isinstance(sub, type) and hasattr(sub, "__dataclass_fields__"):
+            _refuse_unknown_keys(value, sub, full)
+
+
+def _typed(schema: type, node: dict[str, Any], prefix: str) -> Any:
+    """``node`` as an instance of the dataclass ``schema``; wrong types are ConfigErrors."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
+    except Exception as e:  # omegaconf raises several error types; all mean bad config
+        key = getattr(e, "full_key", None) or ""
+        msg = str(e).splitlines()[0]
+        full = ".".join(k for k in (prefix, str(key)) if k)
+        raise ConfigError(f"{full or 'config'} is invalid: {msg}") from e
 
 
 def validate(cfg: DictConfig) -> Config:
-    """Turn the composed config into typed objects and check every range and choice.
+    """Turn the composed config into typed objects and check every key, range and choice.
 
-    Raises :class:`ConfigError` with a one-line message; imports nothing heavy.
+    ``backend.impl`` names the backend class; its ``config_class`` types ``backend.*`` and
+    its ``validate_settings`` checks them. Raises :class:`ConfigError` with a one-line
+    message; imports no engine, no torch.
     """
-    backend_name = OmegaConf.select(cfg, "backend.name")
-    if backend_name not in BACKEND_SCHEMAS:
-        _fail("backend.name", backend_name, f"allowed values are {', '.join(BACKEND_SCHEMAS)}")
+    from pipeline.backends import backend_class
+
     try:
-        typed: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-    except Exception as e:  # omegaconf raises several error types; all mean bad config
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as e:  # a broken interpolation
         raise ConfigError(f"invalid config: {e}".splitlines()[0]) from e
-    if not isinstance(typed.backend, BackendConfig):
-        typed.backend = BACKEND_SCHEMAS[backend_name](**typed.backend)
+    assert isinstance(resolved, dict)
+    _refuse_unknown_keys({k: v for k, v in resolved.items() if k != "backend"}, Config, "")
+    backend_node = resolved.get("backend")
+    if not isinstance(backend_node, dict):
+        fail("backend", backend_node, "choose one of the yamls in conf/backend/")
+    cls = backend_class(backend_node.get("impl"))
+    _refuse_unknown_keys(backend_node, cls.config_class, "backend")
+    backend = _typed(cls.config_class, backend_node, "backend")
+    typed: Config = _typed(Config, {**resolved, "backend": None}, "")
+    typed.backend = backend
     validate_model(typed.model)
-    validate_backend(typed.backend)
+    cls.validate_settings(typed.backend)
     validate_decoding(typed.decoding)
     validate_workload(typed.workload)
-    _range("seed", typed.seed, 0)
-    _choice("scoring.scorer_dtype", typed.scoring.scorer_dtype, DTYPES)
-    _range("scoring.self_bleu_max_samples", typed.scoring.self_bleu_max_samples, 2,
-           optional=True)
+    check_range("seed", typed.seed, 0)
+    check_choice("scoring.scorer_dtype", typed.scoring.scorer_dtype, DTYPES)
+    check_range("scoring.self_bleu_max_samples", typed.scoring.self_bleu_max_samples, 2,
+                optional=True)
+    check_range("scoring.batch_size", typed.scoring.batch_size, 1)
+    check_range("measure.rss_sample_interval_s", typed.measure.rss_sample_interval_s, 0.0,
+                lo_open=True)
     return typed
 
 
@@ -428,15 +430,22 @@ GROUPS = ("model", "backend", "decoding", "workload", "experiment")
 
 
 def check_group_choices(argv: list[str], conf_dir: Path) -> None:
-    """Reject ``group=name`` overrides naming no yaml in ``conf/<group>/`` in one line,
-    before Hydra composes (its own message spans a screen)."""
+    """Reject ``group=name`` overrides naming no yaml in ``conf/<group>/`` (or in a
+    ``hydra.searchpath`` folder given on the command line) in one line, before Hydra
+    composes (its own message spans a screen)."""
+    dirs = [conf_dir]
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") == "hydra.searchpath":
+            dirs += [Path(v.strip().removeprefix("file://")) for v in
+                     value.strip("[]").split(",") if v.strip().startswith(("file://", "/"))]
     for arg in argv:
         key, sep, value = arg.lstrip("+~").partition("=")
         if not sep or key not in GROUPS:
             continue
-        allowed = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
+        allowed = sorted({p.stem for d in dirs for p in (d / key).glob("*.yaml")})
         for choice in value.split(","):
             choice = choice.strip()
             # sweep syntax (glob(...), range(...)) is Hydra's to expand
             if choice and "(" not in choice and choice not in allowed:
-                _fail(key, choice, f"allowed values are {', '.join(allowed)}")
+                fail(key, choice, f"allowed values are {', '.join(allowed)}")

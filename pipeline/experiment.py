@@ -7,20 +7,30 @@ import json
 import logging
 import math
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.backends import make_backend, preflight
-from pipeline.backends.base import Backend, RequestRecord
-from pipeline.config import Config, ConfigError, flatten, validate
+from pipeline.backends import backend_class, make_backend
+from pipeline.backends.base import Backend
+from pipeline.config import Config, flatten, validate
+from pipeline.errors import ConfigError, JobFailed
 from pipeline.measure.memory import PeakRSSSampler, cuda_peaks, cuda_reset_peaks
 from pipeline.measure.timing import PhaseTimer, clock
 from pipeline.metrics import performance
 from pipeline.placement import gpu_slot
-from pipeline.workload import arrival_offsets, batches, load_prompts, make_requests
+from pipeline.records import JobResult, RequestRecord
+from pipeline.workload import (
+    annotate_records,
+    arrival_offsets,
+    batches,
+    check_limits,
+    load_prompts,
+    make_requests,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +50,9 @@ def measure(backend: Backend, spec: Config, requests: list, timer: PhaseTimer
     groups = batches(requests, w.batch_size)
     gen = dict(max_new_tokens=w.max_new_tokens, fixed_length=w.fixed_length)
     send_at = arrival_offsets(len(requests), w.request_rate, w.arrival, w.burstiness, spec.seed)
+    from pipeline.measure.memory import above_load, memory_now
+
+    at_load = memory_now(backend.child_pids)  # the loaded model: baseline of *_above_load
 
     def run_once(k: int) -> list[RequestRecord]:
         if backend.online:
@@ -63,13 +76,15 @@ def measure(backend: Backend, spec: Config, requests: list, timer: PhaseTimer
     per_repeat: list[float] = []
     walls: list[float] = []
     cuda_reset_peaks()
-    with PeakRSSSampler(extra_pids=backend.child_pids) as mem:
+    with PeakRSSSampler(spec.measure.rss_sample_interval_s,
+                        extra_pids=backend.child_pids) as mem:
         for k in range(w.repeats):
             with timer.phase("generate"):
-                t0 = clock(backend_sync(backend))
+                t0 = clock(backend.sync)
                 recs = run_once(k)
-                wall = clock(backend_sync(backend)) - t0
+                wall = clock(backend.sync) - t0
             walls.append(wall)
+            annotate_records(recs, requests)  # prefix group, request id... into extra
             per_repeat.append(sum(r.output_tokens for r in recs if r.ok) / wall)
             all_records.extend(recs)
             if k == 0:
@@ -89,16 +104,12 @@ def measure(backend: Backend, spec: Config, requests: list, timer: PhaseTimer
         metrics["output_tokens_per_s_repeat_mean"] = mean
         metrics["output_tokens_per_s_ci95"] = half
     metrics["peak_rss_bytes"] = float(mem.peak_bytes)
-    metrics.update({k: float(v) for k, v in cuda_peaks().items()})
+    metrics["peak_rss_sampled"] = float(mem.method == "sampled")  # else high-water mark
+    cuda = cuda_peaks()
+    metrics.update({k: float(v) for k, v in cuda.items()})
+    metrics.update(above_load(at_load, mem.peak_bytes, cuda))
     metrics["measured_wall_s"] = sum(walls)
     return first, metrics
-
-
-def backend_sync(backend: Backend) -> Any:
-    """The backend's device synchronization (a no-op on CPU)."""
-    from pipeline.measure.timing import no_sync
-
-    return getattr(backend, "sync", no_sync)
 
 
 def _progress(items: list, desc: str) -> Any:
@@ -130,7 +141,8 @@ def score(spec: Config, model_dir: str, backend: Backend, records: list[RequestR
         else:
             prompts = [list(by_index[r.index].prompt_token_ids) for r in ok]
             conts = [r.output_token_ids for r in ok]
-        nlls, counts = quality.continuation_nll(scorer, prompts, conts, device=device)
+        nlls, counts = quality.continuation_nll(scorer, prompts, conts, device=device,
+                                                   batch_size=spec.scoring.batch_size)
         out.update(quality.perplexity_metrics(nlls, counts))
         if not reuse:
             del scorer
@@ -149,15 +161,12 @@ def _scorer(spec: Config, model_dir: str, backend: Backend) -> tuple[Any, str, b
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipeline.backends.hf import torch_device, torch_dtype
+    from pipeline.devices import resolve_device, torch_dtype
 
-    device = torch_device(spec.model.device)
+    device = resolve_device(spec.model.device)
     dtype = torch_dtype(spec.scoring.scorer_dtype)
-    model = getattr(backend, "model", None)
-    if (model is not None and not spec.scoring.scorer_path
-            and spec.model.weights == "pretrained"
-            and not getattr(spec.backend, "compile", False)
-            and next(model.parameters()).dtype == dtype):
+    model = None if spec.scoring.scorer_path else backend.scorer_model(dtype)
+    if model is not None:
         return model, device, True
     path = spec.scoring.scorer_path or model_dir
     m = AutoModelForCausalLM.from_pretrained(
@@ -167,18 +176,23 @@ def _scorer(spec: Config, model_dir: str, backend: Backend) -> tuple[Any, str, b
     return m, device, False
 
 
-def hydra_context() -> tuple[Path, list[str], int | None, Path | None]:
-    """Job folder, task overrides, job number and sweep folder (None outside multirun)."""
+def hydra_context() -> tuple[Path, list[str], int | None, Path | None, dict[str, str]]:
+    """Job folder, task overrides, job number, sweep folder (None outside multirun) and
+    the preset chosen in each config group (``{"backend": "hf_fast", ...}``, Hydra's own
+    ``hydra/*`` groups left out)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
+    choices = {str(k): str(v) for k, v in (hc.runtime.choices or {}).items()
+               if v is not None and not str(k).startswith("hydra")}
     return (
         Path(hc.runtime.output_dir),
         list(hc.overrides.task),
         hc.job.num if multirun else None,
         Path(hc.sweep.dir) if multirun else None,
+        choices,
     )
 
 
@@ -186,47 +200,45 @@ def check_inputs(cfg: DictConfig) -> tuple[Config, list[str]]:
     """Everything that can be checked without a model: types, ranges, choices, decoding
     support of the backend, the prompts themselves. Imports nothing heavy."""
     spec = validate(cfg)
-    preflight(spec)
+    backend_class(spec.backend.impl).check(spec)
+    check_limits(spec)  # input + output within the context, per-request output lengths
     return spec, load_prompts(spec.workload)
 
 
-def run_job(cfg: DictConfig) -> dict[str, Any]:
-    """Run one job from a composed config and record it; returns the results dict.
+def run_job(cfg: DictConfig) -> JobResult:
+    """Run one job from a composed config and record it; returns its result.
 
     A plain run raises :class:`ConfigError` / ``UnsupportedDecoding`` for bad input
     before any model loads, and :class:`JobFailed` when the job fails. Inside a sweep
     every failure is recorded (results.json, MLflow) and returned instead, so the sweep
     goes on; the sweep callback reports failures and sets the exit code.
     """
-    from pipeline.backends.base import UnsupportedDecoding
-
-    job_dir, overrides, job_num, sweep_dir = hydra_context()
+    job_dir, overrides, job_num, sweep_dir, choices = hydra_context()
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)
-    results: dict[str, Any] = {
-        "status": "RUNNING", "job_num": job_num, "config": resolved,
-        "config_hash": config_hash(resolved), "overrides": overrides,
-    }
+    results = JobResult(job_num=job_num, config=resolved, config_hash=config_hash(resolved),
+                        overrides=overrides, choices=choices,
+                        started_at=int(time.time() * 1000))
     try:
         spec, prompts = check_inputs(cfg)
-    except (ConfigError, UnsupportedDecoding) as e:
+    except ConfigError as e:  # UnsupportedDecoding included
         if sweep_dir is None:
             raise
         return _record_invalid(cfg, results, e, job_dir, sweep_dir)
     if spec.dry_run:
-        results["status"] = "VALIDATED"
+        results.status = "VALIDATED"
         _write_results(job_dir, results)
         print(f"valid: {' '.join(overrides) or '(defaults)'} ({len(prompts)} prompts)")
         return results
 
     from pipeline import provenance
 
-    results["provenance"] = provenance.collect(overrides)
+    results.provenance = provenance.collect(overrides)
     if spec.resume and spec.tracking.enabled:
-        done = _finished_before(spec, results["config_hash"])
+        done = _finished_before(spec, results.config_hash)
         if done is not None:
-            results.update(status="SKIPPED", resumed_from=done["run_id"],
-                           metrics=done["metrics"])
+            results.status, results.resumed_from = "SKIPPED", done["run_id"]
+            results.metrics = done["metrics"]
             _write_results(job_dir, results)
             print(f"skipped: {' '.join(overrides) or '(defaults)'} already FINISHED "
                   f"as MLflow run {done['run_id']} (resume=true)")
@@ -239,37 +251,37 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     try:
         with gpu_slot(spec):  # one GPU job at a time per GPU, whatever the launcher
             records, metrics = _execute(spec, prompts, timer, results)
-        results["status"] = "FINISHED"
+        results.status = "FINISHED"
     except KeyboardInterrupt:
         interrupted = True
-        results["status"] = "FAILED"
-        results["error"] = "KeyboardInterrupt: interrupted by the user (Ctrl-C)"
+        results.status = "FAILED"
+        results.error = "KeyboardInterrupt: interrupted by the user (Ctrl-C)"
     except Exception as e:
         records = list(getattr(e, "records", None) or [])  # e.g. every request's error
-        results["status"] = "FAILED"
-        results["error"] = f"{type(e).__name__}: {e}"
+        results.status = "FAILED"
+        results.error = f"{type(e).__name__}: {e}"
         job_dir.mkdir(parents=True, exist_ok=True)
         (job_dir / "error.txt").write_text(traceback.format_exc())
-        log.error("job failed: %s (traceback in %s)", results["error"], job_dir / "error.txt")
+        log.error("job failed: %s (traceback in %s)", results.error, job_dir / "error.txt")
     metrics.update({f"time_{k}_s": v for k, v in timer.seconds.items()})
-    results["metrics"] = {k: v for k, v in metrics.items() if not _bad(v)}
-    results["requests"] = [r.to_dict() for r in records]
+    results.metrics = {k: v for k, v in metrics.items() if not _bad(v)}
+    results.requests = [r.to_dict() for r in records]
     # results.json is written before MLflow is touched: tracking must not cost results.
     _write_results(job_dir, results)
     if spec.tracking.enabled:
         t0 = clock()
         _track(spec, results, job_dir, sweep_dir)
-        results["time_tracking_s"] = clock() - t0  # in memory only: the file came first
+        results.time_tracking_s = clock() - t0  # in memory only: the file came first
     if spec.print_table:
         _print_summary(results, spec)
     if interrupted:
         raise KeyboardInterrupt
-    if results["status"] != "FINISHED" and sweep_dir is None:
-        raise JobFailed(results["error"])
+    if results.status != "FINISHED" and sweep_dir is None:
+        raise JobFailed(str(results.error))
     return results
 
 
-def _execute(spec: Config, prompts: list[str], timer: PhaseTimer, results: dict
+def _execute(spec: Config, prompts: list[str], timer: PhaseTimer, results: JobResult
              ) -> tuple[list[RequestRecord], dict[str, float]]:
     """Prepare the model, load the backend, measure, score; the heavy part of a job."""
     from pipeline.models import resolve_model
@@ -281,17 +293,17 @@ def _execute(spec: Config, prompts: list[str], timer: PhaseTimer, results: dict
     try:
         with timer.phase("load"):
             backend.load()
-        timer.sync = backend_sync(backend)
+        timer.sync = backend.sync
         requests = make_requests(prompts, backend_tokenizer(backend, spec, model_dir),
-                                 spec.model.use_chat_template)
+                                 spec.model.use_chat_template, spec.workload, spec.seed)
         records, metrics = measure(backend, spec, requests, timer)
         if not any(r.ok for r in records):
             raise RuntimeError(f"every request failed; first error: {records[0].error}")
         with timer.phase("scoring"):
             metrics.update(score(spec, model_dir, backend, records, requests))
         metrics.update(backend.extra_metrics())
-        results["applied"] = backend.applied_settings()
-        metrics.update(_roofline(spec, backend.online, results["applied"], metrics,
+        results.applied = backend.applied_settings()
+        metrics.update(_roofline(spec, backend.online, results.applied, metrics,
                                  len(requests), model_dir))
     finally:
         backend.close()
@@ -302,13 +314,13 @@ def _measure_machine_early(spec: Config) -> None:
     """Measure the machine's rates for the roofline (once per machine, cached) before the
     model loads: after a job, compile workers or engine processes may still be busy and
     the bandwidth would read low (seen: 23.7 instead of 30.9 GB/s)."""
-    from pipeline.backends.hf import torch_device, torch_dtype
+    from pipeline.devices import resolve_device, resolve_dtype_name
     from pipeline.measure.roofline import DTYPE_BYTES, cached_rates
 
-    try:  # the same auto rules the hf backend applies when it loads
-        device = "cuda" if torch_device(spec.model.device) == "cuda" else "cpu"
-        name = getattr(spec.backend, "dtype", None) or spec.model.dtype
-        dtype = str(torch_dtype(name)).removeprefix("torch.")
+    try:  # the same auto rules the backends apply when they load
+        device = "cuda" if resolve_device(spec.model.device) == "cuda" else "cpu"
+        # a backend without its own dtype setting runs the model's
+        dtype = resolve_dtype_name(getattr(spec.backend, "dtype", None) or spec.model.dtype)
         if dtype in DTYPE_BYTES:
             cached_rates(Path(spec.paths.cache_dir).resolve(), device, dtype)
     except Exception as e:  # the roofline is measured after the job instead
@@ -332,26 +344,26 @@ def _roofline(spec: Config, online: bool, applied: dict, metrics: dict, n_reques
         return {}
 
 
-def _write_results(job_dir: Path, results: dict) -> None:
+def _write_results(job_dir: Path, results: JobResult) -> None:
     job_dir.mkdir(parents=True, exist_ok=True)
     tmp = job_dir / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1, default=str))
+    tmp.write_text(json.dumps(results.to_dict(), indent=1, default=str))
     tmp.replace(job_dir / "results.json")  # atomic: a killed job never leaves half a file
 
 
-def _record_invalid(cfg: DictConfig, results: dict, e: Exception, job_dir: Path,
-                    sweep_dir: Path) -> dict:
+def _record_invalid(cfg: DictConfig, results: JobResult, e: Exception, job_dir: Path,
+                    sweep_dir: Path) -> JobResult:
     """A sweep job with bad input: record it as FAILED (no model was loaded) and go on."""
     from pipeline import provenance, tracking
 
-    results.update(status="FAILED", error=f"invalid config: {e}", metrics={}, requests=[],
-                   provenance=provenance.collect(results["overrides"]))
+    results.status, results.error = "FAILED", f"invalid config: {e}"
+    results.provenance = provenance.collect(results.overrides)
     _write_results(job_dir, results)
-    print(f"error: job {results['job_num']}: {e}", file=sys.stderr)
+    print(f"error: job {results.job_num}: {e}", file=sys.stderr)
     if cfg.tracking.enabled:
         try:
             tracking.log_job(cfg, results, job_dir, tracking.read_parent_id(sweep_dir),
-                             flatten(results["config"]))
+                             flatten(results.config))
         except Exception as te:
             log.error("MLflow logging failed (%s)", te)
     return results
@@ -368,25 +380,26 @@ def _finished_before(spec: Config, chash: str) -> dict | None:
         return None
 
 
-class JobFailed(RuntimeError):
-    """The job ran but failed; results.json and MLflow hold the details."""
-
-
 def _bad(v: Any) -> bool:
     return isinstance(v, float) and not math.isfinite(v)
 
 
 def backend_tokenizer(backend: Backend, spec: Config, model_dir: str) -> Any:
     """The tokenizer that renders prompts: the backend's, or one loaded from the model dir."""
-    tok = getattr(backend, "tokenizer", None)
+    tok = backend.prompt_tokenizer()
     if tok is not None:
         return tok
     return scorer_tokenizer(model_dir, spec)
 
 
-def _track(spec: Config, results: dict, job_dir: Path, sweep_dir: Path | None) -> None:
+def _track(spec: Config, results: JobResult, job_dir: Path, sweep_dir: Path | None) -> None:
+    """Log the job to MLflow (a child of its sweep's parent run); never raises. The job's
+    end time is taken first, so the run's duration is the job's, not the logging's."""
     from pipeline import tracking
 
+    if results.ended_at is None:
+        results.ended_at = int(time.time() * 1000)
+        _write_results(job_dir, results)  # atomic; sync logs the same times later
     parent = tracking.read_parent_id(sweep_dir) if sweep_dir else None
     if sweep_dir and parent is None:
         print(f"warning: no {tracking.PARENT_ID_FILE} in {sweep_dir}: this job is logged "
@@ -394,23 +407,23 @@ def _track(spec: Config, results: dict, job_dir: Path, sweep_dir: Path | None) -
               file=sys.stderr)
     try:
         run_id = tracking.log_job(spec, results, job_dir, parent, flatten(spec))
-        results["mlflow_run_id"] = run_id
+        results.mlflow_run_id = run_id
     except Exception as e:
         print(f"warning: MLflow logging failed ({str(e).splitlines()[0] if str(e) else e!r}); "
               f"results are safe in {job_dir / 'results.json'}. Log them later with:\n"
-              f"  python -m pipeline.sync {job_dir}", file=sys.stderr)
+              f"  python -m pipeline.tracking.sync {job_dir}", file=sys.stderr)
 
 
-def _print_summary(results: dict, spec: Config) -> None:
+def _print_summary(results: JobResult, spec: Config) -> None:
     from pipeline import tracking
 
-    row = {"status": results["status"], "metrics": results["metrics"]}
+    row = {"status": results.status, "metrics": results.metrics}
     print()
     print(tracking.format_table([row], ["status"]), flush=True)
-    applied = results.get("applied", {})
+    applied = results.applied
     if applied:
         print("applied: " + ", ".join(f"{k}={v}" for k, v in applied.items()))
-    if spec.tracking.enabled and results.get("mlflow_run_id"):
-        print(f"MLflow run {results['mlflow_run_id']}; view with:\n  "
+    if spec.tracking.enabled and results.mlflow_run_id:
+        print(f"MLflow run {results.mlflow_run_id}; view with:\n  "
               f"{tracking.ui_command(tracking.tracking_uri(spec))}")
     sys.stdout.flush()

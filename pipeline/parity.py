@@ -15,6 +15,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pipeline.records import JobResult
+from pipeline.tracking.mlflow import client_for, log_metrics, read_parent_id
+
 log = logging.getLogger(__name__)
 
 PARITY_FILE = "parity.json"
@@ -66,12 +69,12 @@ def _without_backend(config: Mapping[str, Any]) -> str:
                       default=str)
 
 
-def _overrides(r: Mapping[str, Any]) -> list[str]:
-    return list(r.get("overrides") or r.get("provenance", {}).get("overrides", []))
+def _overrides(r: JobResult) -> list[str]:
+    return list(r.overrides or r.provenance.get("overrides", []))
 
 
-def _backend(job: tuple[Path, dict]) -> str:
-    return str(job[1]["config"]["backend"]["name"])
+def _backend(job: tuple[Path, JobResult]) -> str:
+    return str(job[1].config["backend"]["name"])
 
 
 def _deterministic(config: Mapping[str, Any]) -> bool:
@@ -91,16 +94,16 @@ def sweep_parity(sweep_dir: Path) -> dict[str, Any] | None:
     jobs = []
     for f in sorted(sweep_dir.glob("*/results.json")):
         try:
-            r = json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            r = JobResult.from_dict(json.loads(f.read_text()))
+        except (OSError, json.JSONDecodeError, TypeError) as e:
             log.warning("parity: skipping unreadable %s (%s)", f, e)
             continue
-        if r.get("status") != "FINISHED" or "config" not in r:
+        if not r.finished or not r.config:
             continue
         jobs.append((f.parent, r))
-    groups: dict[str, list[tuple[Path, dict]]] = {}
+    groups: dict[str, list[tuple[Path, JobResult]]] = {}
     for job_dir, r in jobs:
-        groups.setdefault(_without_backend(r["config"]), []).append((job_dir, r))
+        groups.setdefault(_without_backend(r.config), []).append((job_dir, r))
     pairs = []
     for members in groups.values():
         for i in range(len(members)):
@@ -112,12 +115,12 @@ def sweep_parity(sweep_dir: Path) -> dict[str, Any] | None:
                     x, y = y, x
                 (dir_a, a), (dir_b, b) = x, y
                 pairs.append({
-                    "a": {"backend": _backend(x), "job": a.get("job_num"), "dir": dir_a.name},
-                    "b": {"backend": _backend(y), "job": b.get("job_num"), "dir": dir_b.name},
-                    "decoding": a["config"].get("decoding", {}).get("name"),
-                    "deterministic": _deterministic(a["config"]),
+                    "a": {"backend": _backend(x), "job": a.job_num, "dir": dir_a.name},
+                    "b": {"backend": _backend(y), "job": b.job_num, "dir": dir_b.name},
+                    "decoding": a.config.get("decoding", {}).get("name"),
+                    "deterministic": _deterministic(a.config),
                     "overrides": [o for o in _overrides(a) if not o.startswith("backend")],
-                    **token_parity(a.get("requests", []), b.get("requests", [])),
+                    **token_parity(a.requests, b.requests),
                 })
     if not pairs:
         return None
@@ -132,7 +135,7 @@ def sweep_parity(sweep_dir: Path) -> dict[str, Any] | None:
     return out
 
 
-def summary_lines(parity: Mapping[str, Any]) -> list[str]:
+def parity_lines(parity: Mapping[str, Any]) -> list[str]:
     """One line per compared pair, for the terminal."""
     lines = []
     for p in parity["pairs"]:
@@ -161,19 +164,17 @@ def report_sweep_parity(config: Any, sweep_dir: Path) -> dict[str, Any] | None:
         return None
     if parity is None:
         return None
-    print("\n".join(summary_lines(parity)))
-    from pipeline import tracking
-
-    parent = tracking.read_parent_id(Path(sweep_dir))
+    print("\n".join(parity_lines(parity)))
+    parent = read_parent_id(Path(sweep_dir))
     if parent and config.tracking.enabled:
         try:
-            client, _ = tracking.client_for(config)
+            client, _ = client_for(config)
             metrics = {f"parity.pair{i}.exact_match_rate": p["exact_match_rate"]
                        for i, p in enumerate(parity["pairs"])
                        if p["exact_match_rate"] is not None}
             if parity["exact_match_rate"] is not None:
                 metrics["parity_exact_match_rate"] = parity["exact_match_rate"]
-            tracking._log_batches(client, parent, metrics=metrics)
+            log_metrics(client, parent, metrics=metrics)
             client.log_artifact(parent, str(Path(sweep_dir) / PARITY_FILE))
         except Exception as e:
             log.warning("parity: could not log to the MLflow parent run: %s", e)

@@ -31,25 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.backends import cached_engines, shutdown_all
+
 log = logging.getLogger(__name__)
-
-# Backends that reach the model over HTTP: they need a local GPU only for the perplexity
-# scorer, which runs in this process on ``model.device``.
-REMOTE_BACKENDS = ("openai",)
-# Backends whose engine spans ``backend.tensor_parallel_size`` GPUs.
-TP_BACKENDS = ("vllm", "vllm_server")
-
-
-def cuda_available() -> bool:
-    """Whether torch sees a CUDA device; an empty/``-1`` CUDA_VISIBLE_DEVICES answers
-    without importing torch."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip() in ("", "-1"):
-        return False
-    import torch
-
-    return bool(torch.cuda.is_available())
-
 
 def visible_gpu_ids(count: int) -> list[str]:
     """Physical ids of the first ``count`` GPUs this process sees (logical 0..count-1):
@@ -64,21 +48,19 @@ def visible_gpu_ids(count: int) -> list[str]:
 def job_gpus(spec: Any) -> list[str]:
     """The physical GPUs the job will use; ``[]`` for a CPU job.
 
-    ``model.device=cpu`` answers without importing torch; ``auto`` uses CUDA when torch
-    sees it (as the backends and the scorer do). A vLLM engine uses
-    ``tensor_parallel_size`` GPUs; the ``openai`` backend uses a local GPU only for the
-    perplexity scorer.
+    ``model.device=cpu`` answers without importing torch; ``auto`` uses CUDA when it is
+    there (as the backends and the scorer do). How many GPUs is the backend's answer
+    (:meth:`~pipeline.backends.base.Backend.gpus_needed`).
     """
+    from pipeline.backends import backend_class
+    from pipeline.devices import cuda_present
+
     device = str(spec.model.device)
     if device == "cpu":
         return []
-    backend = str(spec.backend.name)
-    if backend in REMOTE_BACKENDS and not spec.scoring.perplexity:
+    count = backend_class(spec.backend.impl).gpus_needed(spec)
+    if count == 0 or (device != "cuda" and not cuda_present()):
         return []
-    if device != "cuda" and not cuda_available():
-        return []
-    count = int(getattr(spec.backend, "tensor_parallel_size", 1) or 1) \
-        if backend in TP_BACKENDS else 1
     return visible_gpu_ids(count)
 
 
@@ -170,40 +152,10 @@ def _exit(path: Path, keep: bool) -> None:
     os.close(held.fd)  # closing the last descriptor drops the flock
 
 
-def release_all() -> None:
-    """Release every GPU lock kept past its job (after the engines holding the GPU are
-    gone)."""
-    with _TABLE_LOCK:
-        held = [(k, h) for k, h in _HELD.items() if h.depth == 0]
-        for k, _ in held:
-            del _HELD[k]
-    for _, h in held:
-        os.close(h.fd)
-
-
 def held_locks() -> list[str]:
     """Paths of the GPU locks this process holds (for tests and diagnostics)."""
     with _TABLE_LOCK:
         return sorted(_HELD)
-
-
-def _engines_on_device() -> bool:
-    """Whether this process still holds a vLLM engine or server after the job: the
-    backends cache them between jobs (a 20-70 s start saved), and on a GPU they keep
-    their memory. Checked through sys.modules so vLLM is never imported here."""
-    eng = sys.modules.get("pipeline.backends.vllm")
-    srv = sys.modules.get("pipeline.backends.vllm_server")
-    return bool((eng is not None and eng.cached_engines())
-                or (srv is not None and srv.running_servers()))
-
-
-def _stop_engines() -> None:
-    eng = sys.modules.get("pipeline.backends.vllm")
-    srv = sys.modules.get("pipeline.backends.vllm_server")
-    if eng is not None:
-        eng.shutdown_engines()
-    if srv is not None:
-        srv.stop_servers()
 
 
 def jobs_share_this_process() -> bool:
@@ -258,12 +210,12 @@ def gpu_slot(spec: Any, *, lock_dir: str | Path | None = None,
         yield ids
     finally:
         try:
-            if taken and _engines_on_device():
+            if taken and cached_engines():
                 share = jobs_share_this_process() if keep_engines is None else keep_engines
                 if share:
                     keep = True
                 else:
-                    _stop_engines()
+                    shutdown_all()
         finally:
             for p in reversed(taken):
                 _exit(p, keep)

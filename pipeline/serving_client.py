@@ -25,13 +25,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
-import time
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from pipeline.backends.base import RequestRecord
 from pipeline.measure.timing import clock
+from pipeline.records import RequestRecord
 
 T = TypeVar("T")
 
@@ -280,14 +279,3 @@ def http_get_json(url: str, timeout_s: float, headers: Mapping[str, str] | None 
         return status, json.loads(raw or b"null")
     except ValueError:
         return status, raw.decode(errors="replace")
-
-
-def wait_until(pred: Any, timeout_s: float, interval_s: float = 0.5) -> bool:
-    """Poll ``pred()`` until it is true or ``timeout_s`` passes; returns the last value."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if pred():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval_s)

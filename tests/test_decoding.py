@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.backends.base import UnsupportedDecoding
+from pipeline.backends.hf import hf_generate_kwargs
+from pipeline.backends.vllm.sampling import check_vllm
 from pipeline.config import DecodingConfig
-from pipeline.decoding import check_vllm, hf_generate_kwargs, strategy
+from pipeline.decoding import strategy
+from pipeline.errors import UnsupportedDecoding
 
 
 def test_greedy_passes_no_sampling_knobs() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.backends.hf import HFBackend
-from pipeline.config import DecodingConfig, HFBackendConfig, ModelConfig, WorkloadConfig
+from pipeline.backends.hf import HFBackend, HFBackendConfig
+from pipeline.config import DecodingConfig, ModelConfig, WorkloadConfig
 from pipeline.metrics.diversity import distinct_n, self_bleu
 from pipeline.metrics.quality import continuation_nll, corpus_perplexity
 from pipeline.workload import load_prompts, make_requests

@@ -6,7 +6,6 @@ import math
 
 import pytest
 
-from pipeline.backends.base import RequestRecord
 from pipeline.metrics.performance import (
     batch_phase_metrics,
     e2el,
@@ -20,6 +19,7 @@ from pipeline.metrics.performance import (
     tpot,
     ttft,
 )
+from pipeline.records import RequestRecord
 
 STATS = ("mean", "std", "p50", "p90", "p99")
 

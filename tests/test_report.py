@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline import report
-from pipeline.report import JobRun, SweepData
+from pipeline.report import build, plots, render, tables
+from pipeline.report.collect import JobRun, SweepData, collect
 from tests.conftest import CACHE_DIR, run_cli
 
 # ----------------------------------------------------------------- synthetic (fast)
@@ -58,22 +58,22 @@ def _data(jobs: list[JobRun]) -> SweepData:
 def test_pareto_front() -> None:
     # (latency, throughput): lower latency and higher throughput win
     pts = [(100.0, 10.0), (50.0, 20.0), (80.0, 25.0), (120.0, 25.0), (50.0, 20.0)]
-    assert report.pareto_front(pts) == [False, True, True, False, True]
-    assert report.pareto_front([]) == []
+    assert tables.pareto_front(pts) == [False, True, True, False, True]
+    assert tables.pareto_front([]) == []
 
 
 def test_select_job_and_errors() -> None:
     jobs = [_job(0, "greedy", "1.0", 10, 1000), _job(1, "topp", "1.0", 12, 900),
             _job(2, "temperature", "0.7", 11, 950)]
-    assert report.select_job(jobs, None).run_id == "run0"
-    assert report.select_job(jobs, "decoding=topp").run_id == "run1"
-    assert report.select_job(jobs, "decoding.temperature=0.7").run_id == "run2"
-    assert report.select_job(jobs, "job=2").run_id == "run2"
-    assert report.select_job(jobs, "1-hf-topp-quick").run_id == "run1"
+    assert tables.select_job(jobs, None).run_id == "run0"
+    assert tables.select_job(jobs, "decoding=topp").run_id == "run1"
+    assert tables.select_job(jobs, "decoding.temperature=0.7").run_id == "run2"
+    assert tables.select_job(jobs, "job=2").run_id == "run2"
+    assert tables.select_job(jobs, "1-hf-topp-quick").run_id == "run1"
     with pytest.raises(ValueError, match="no job matches"):
-        report.select_job(jobs, "decoding=beam")
+        tables.select_job(jobs, "decoding=beam")
     with pytest.raises(ValueError, match="2 jobs match"):
-        report.select_job(jobs, "decoding.temperature=1.0")
+        tables.select_job(jobs, "decoding.temperature=1.0")
 
 
 def test_tables_from_synthetic_sweep() -> None:
@@ -82,36 +82,36 @@ def test_tables_from_synthetic_sweep() -> None:
                  output_tokens_per_s_repeat_mean=19.5, output_tokens_per_s_ci95=1.25),
             _job(2, "topp", "1.0", 15.0, 600.0)]
     data = _data(jobs)
-    t = report.tables(data, baseline="decoding=greedy")
-    j = t["jobs"].set_index("job")
+    t = tables.build_tables(data, baseline="decoding=greedy")
+    j = t["jobs"].frame.set_index("job")
     assert list(j.index) == [0, 1, 2]
     # swept axes only: seed and paths are the same / bookkeeping
     assert "decoding.name" in j.columns and "decoding.temperature" in j.columns
     assert "seed" not in j.columns and "paths.output_dir" not in j.columns
     assert j.loc[1, "output_tokens_per_s_ci95"] == 1.25
-    vb = t["vs_baseline"].set_index("job")
+    vb = t["vs_baseline"].frame.set_index("job")
     assert vb.loc[1, "throughput_x"] == pytest.approx(2.0)
     assert vb.loc[2, "e2el_speedup_x"] == pytest.approx(1000 / 600)
     assert vb.loc[1, "peak_rss_saving_pct"] == pytest.approx(-10.0)
-    par = t["pareto"].set_index("job")
+    par = t["pareto"].frame.set_index("job")
     # job 1 fastest, job 2 lowest latency: both on the front; job 0 dominated by both
     assert list(par["front_e2el_ms_mean"]) == [False, True, True]
-    lat = t["latency"].set_index("job")
+    lat = t["latency"].frame.set_index("job")
     assert lat.loc[0, "requests"] == 3
     assert lat.loc[0, "e2el_ms_min"] == pytest.approx(1000.0)
-    reading = t["tradeoffs"].set_index("job").loc[1, "reading"]
+    reading = t["tradeoffs"].frame.set_index("job").loc[1, "reading"]
     assert "fastest" in reading and "2.00× the baseline's tok/s" in reading
-    assert "most diverse" in t["tradeoffs"].set_index("job").loc[2, "reading"]
+    assert "most diverse" in t["tradeoffs"].frame.set_index("job").loc[2, "reading"]
 
-    sections = report.build_sections(data, t)
-    md = report.render_markdown(data, sections)
+    sections = render.build_sections(data, t)
+    md = render.render_markdown(data, sections)
     assert "19.5 ± 1.2" in md  # mean over repeats ± 95% CI
     assert "python run.py -m decoding=greedy,topp workload.num_prompts=3" in md
     assert "--host 127.0.0.1 --workers 1" in md
     assert '#/compare-runs?runs=["run0","run1","run2"]&experiments=["1"]' in md
-    images = report.plot_images(data, t)
+    images = plots.plot_images(data, t)
     assert all(png.startswith(b"\x89PNG") for png in images.values())
-    page = report.render_html(data, sections, images)
+    page = render.render_html(data, sections, images)
     assert page.count("data:image/png;base64,") == 3 and "<table>" in page
 
 
@@ -119,7 +119,7 @@ def test_top_level_swept_param_is_a_column() -> None:
     jobs = [_job(0, "greedy", "1.0", 10.0, 1000.0), _job(1, "greedy", "1.0", 11.0, 900.0)]
     jobs[1].params["seed"] = "1"
     jobs[1].tags["hydra_overrides"] = "decoding=greedy workload.num_prompts=3 seed=1"
-    shown = report.display_tables(report.tables(_data(jobs)))["jobs"]
+    shown = tables.build_tables(_data(jobs))["jobs"].display()
     assert list(shown["seed"]) == ["0", "1"]
     assert "temperature" not in shown.columns  # the same in both jobs
 
@@ -130,11 +130,11 @@ def test_failed_job_shows_dashes() -> None:
                  tags={"decoding": "beam", "hydra_overrides": "decoding=beam"},
                  params={"decoding.name": "beam"}, metrics={"time_load_s": 1.0})
     data = _data([ok, bad])
-    t = report.tables(data)
-    md = report.render_markdown(data, report.build_sections(data, t))
+    t = tables.build_tables(data)
+    md = render.render_markdown(data, render.build_sections(data, t))
     row = next(line for line in md.splitlines() if line.startswith("| 1 | FAILED"))
     assert "| - |" in row
-    assert "job failed" in t["tradeoffs"].set_index("job").loc[1, "reading"]
+    assert "job failed" in t["tradeoffs"].frame.set_index("job").loc[1, "reading"]
 
 
 # ----------------------------------------------------------------- a real sweep (slow)
@@ -169,7 +169,7 @@ def _table_lines(md: str) -> list[str]:
 def built(sweep: Path) -> Path:
     """The report of the sweep, built by the CLI entry from its sweep folder."""
     dest = sweep / "report1"
-    assert report.main(["--sweep-dir", str(_sweep_dir(sweep)), "--output-dir", str(dest)]) == 0
+    assert build.main(["--sweep-dir", str(_sweep_dir(sweep)), "--output-dir", str(dest)]) == 0
     return dest
 
 
@@ -179,9 +179,9 @@ def test_report_tables_equal_mlflow_metrics(sweep: Path, built: Path) -> None:
 
     client = MlflowClient(tracking_uri=_uri(sweep))
     pid = (_sweep_dir(sweep) / "mlflow_parent_run_id").read_text().strip()
-    data = report.collect(client, pid, _uri(sweep))
-    t = report.tables(data)
-    jobs = t["jobs"]
+    data = collect(client, pid, _uri(sweep))
+    t = tables.build_tables(data)
+    jobs = t["jobs"].frame
     assert sorted(jobs["decoding.name"]) == sorted(DECODINGS)
     for _, row in jobs.iterrows():
         m = client.get_run(row["run_id"]).data.metrics
@@ -190,13 +190,14 @@ def test_report_tables_equal_mlflow_metrics(sweep: Path, built: Path) -> None:
                     "output_tokens_per_s_repeat_mean", "output_tokens_per_s_ci95"):
             assert row[key] == m[key], key
     base = jobs.iloc[0]
-    for (_, row), (_, vb) in zip(jobs.iterrows(), t["vs_baseline"].iterrows(), strict=True):
+    for (_, row), (_, vb) in zip(jobs.iterrows(), t["vs_baseline"].frame.iterrows(),
+                                      strict=True):
         assert vb["throughput_x"] == pytest.approx(
             row["output_tokens_per_s"] / base["output_tokens_per_s"])
         assert vb["peak_rss_saving_pct"] == pytest.approx(
             (1 - row["peak_rss_bytes"] / base["peak_rss_bytes"]) * 100)
     # per-request latencies come from results.json downloaded from the artifact store
-    assert list(t["latency"]["requests"]) == [4] * len(DECODINGS)
+    assert list(t["latency"].frame["requests"]) == [4] * len(DECODINGS)
 
     md = (built / "report.md").read_text()
     for _, row in jobs.iterrows():
@@ -225,7 +226,7 @@ def test_rebuild_without_job_folders_is_identical(sweep: Path, built: Path) -> N
         shutil.rmtree(d)
     pid = (sweep_dir / "mlflow_parent_run_id").read_text().strip()
     dest = sweep / "report2"
-    assert report.main(["--run-id", pid, "--tracking-uri", _uri(sweep),
+    assert build.main(["--run-id", pid, "--tracking-uri", _uri(sweep),
                         "--output-dir", str(dest), "--no-log"]) == 0
     before = _table_lines((built / "report.md").read_text())
     after = _table_lines((dest / "report.md").read_text())
@@ -282,5 +283,5 @@ def test_html_renders_plots_in_headless_chromium(built: Path, tmp_path: Path) ->
 def test_markdown_table_escapes_pipes() -> None:
     import pandas as pd
 
-    md = report.markdown_table(pd.DataFrame([{"a": "x|y", "b": "1"}]))
+    md = render.markdown_table(pd.DataFrame([{"a": "x|y", "b": "1"}]))
     assert md.splitlines()[2] == "| x\\|y | 1 |"

@@ -43,7 +43,8 @@ def _catalogue(tmp: Path) -> list[tuple[list[str], str]]:
     (tmp / "broken.jsonl").write_text('{"prompt": "a"\n')
     (tmp / "blank.txt").write_text("\n\n")
     (tmp / "big.txt").write_text("x" * 200 + "\n")
-    (tmp / "prompts.csv").write_text("a\n")
+    (tmp / "prompts.xml").write_text("a\n")
+    (tmp / "empty.txt").write_text("")
     f = "workload=file"
     return [
         (["decoding.temperature=-1"], "decoding.temperature=-1.0 is invalid: must be >= 0.0"),
@@ -66,7 +67,27 @@ def _catalogue(tmp: Path) -> list[tuple[list[str], str]]:
          "backend vllm: decoding.no_repeat_ngram_size=3 is not supported"),
         (["decoding.length_penalty=2"], "backend hf: decoding.length_penalty"),
         ([f, "workload.prompts_file=/no/such.txt"], "no such file"),
-        ([f, f"workload.prompts_file={tmp}/prompts.csv"], "must end in .txt or .jsonl"),
+        ([f, f"workload.prompts_file={tmp}/prompts.xml"],
+         "must end in .txt, .jsonl, .csv or .parquet, or be a dataset folder"),
+        ([f, "workload.prompts_file=/dev/null"], "'/dev/null' is invalid: is not a regular file"),
+        ([f, f"workload.prompts_file={tmp}/empty.txt"], "empty.txt' is invalid: is empty"),
+        (["workload.max_new_tokens=100000"],
+         "workload.max_new_tokens=100000 is invalid: 1 input token (at least) + 100000 output "
+         "tokens = 100001 tokens exceeds the model's context of 8192 tokens"),
+        # not converted yet: the context comes from the GGUF header, no tensor read
+        (["workload.max_new_tokens=100000", f"paths.cache_dir={tmp}/fresh_cache"],
+         "8192 tokens (llama.context_length in SmolLM2-135M-Instruct.Q4_1.gguf)"),
+        (["workload=synthetic", "workload.input_tokens=8190", "workload.max_new_tokens=32"],
+         "8190 input tokens + 32 output tokens = 8222 tokens exceeds the model's context"),
+        (["backend=vllm", "workload=synthetic", "workload.input_tokens=2040"],
+         "exceeds backend.max_model_len=2048 (the model's context is 8192)"),
+        (["workload=synthetic", "workload.output_dist=uniform", "workload.output_min=4",
+          "workload.output_max=64"], "for backend hf: it cannot give each request its own"),
+        (["workload=synthetic", "workload.shared_prefix_tokens=600"],
+         "workload.shared_prefix_tokens=600 is invalid: must be below the shortest input"),
+        (["workload.shared_prefix_tokens=10"], "shared prefixes need workload.source=synthetic"),
+        (["workload=synthetic", "workload.input_dist=normal", "workload.input_std=10"],
+         "workload.input_min=None is invalid: a value is required"),
         ([f, f"workload.prompts_file={tmp}/bad.txt"], "not UTF-8 (line 2)"),
         ([f, f"workload.prompts_file={tmp}/nofield.jsonl"], "line 2: needs a string field"),
         ([f, f"workload.prompts_file={tmp}/broken.jsonl"], "line 1: not valid JSON"),
@@ -177,14 +198,14 @@ def test_unreachable_tracking_keeps_results_and_sync_logs_them_later(tmp_path: P
     p = run_cli(f"tracking.uri=http://127.0.0.1:{port}", f"paths.output_dir={tmp_path}", *TINY,
                 timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]  # the measurement itself succeeded
-    assert "python -m pipeline.sync" in p.stderr and "unreachable" in p.stderr
+    assert "python -m pipeline.tracking.sync" in p.stderr and "unreachable" in p.stderr
     (job,) = [f.parent for f in tmp_path.glob("runs/*/results.json")]
     r = json.loads((job / "results.json").read_text())
     assert r["status"] == "FINISHED" and r["metrics"]["output_tokens_per_s"] > 0
     assert not (job / "mlflow_run_id").exists()
 
     store = f"sqlite:///{tmp_path}/later.db"
-    s = subprocess.run([sys.executable, "-m", "pipeline.sync", str(job), "--tracking-uri",
+    s = subprocess.run([sys.executable, "-m", "pipeline.tracking.sync", str(job), "--tracking-uri",
                         store], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert s.returncode == 0, s.stderr
     from mlflow.tracking import MlflowClient
@@ -195,7 +216,7 @@ def test_unreachable_tracking_keeps_results_and_sync_logs_them_later(tmp_path: P
     assert run.data.metrics["output_tokens_per_s"] == pytest.approx(
         r["metrics"]["output_tokens_per_s"])
     # a second sync logs nothing twice
-    s2 = subprocess.run([sys.executable, "-m", "pipeline.sync", str(job), "--tracking-uri",
+    s2 = subprocess.run([sys.executable, "-m", "pipeline.tracking.sync", str(job), "--tracking-uri",
                          store], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert "0 run(s) logged" in s2.stdout
 

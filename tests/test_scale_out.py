@@ -264,11 +264,17 @@ def test_gpu_slot_reenters_and_releases(tmp_path: Path) -> None:
     assert placement.held_locks() == []
 
 
+IMPLS = {"hf": "pipeline.backends.hf:HFBackend",
+         "vllm": "pipeline.backends.vllm.engine:VLLMBackend",
+         "vllm_server": "pipeline.backends.vllm.server:VLLMServerBackend",
+         "openai": "pipeline.backends.openai:OpenAIBackend"}
+
+
 def _spec(device: str, backend: str = "hf", tp: int = 1, perplexity: bool = True,
           cache_dir: str = "/tmp/cache") -> SimpleNamespace:
     return SimpleNamespace(
         model=SimpleNamespace(device=device),
-        backend=SimpleNamespace(name=backend, tensor_parallel_size=tp),
+        backend=SimpleNamespace(name=backend, impl=IMPLS[backend], tensor_parallel_size=tp),
         scoring=SimpleNamespace(perplexity=perplexity),
         paths=SimpleNamespace(cache_dir=cache_dir),
     )
@@ -294,8 +300,9 @@ def test_cpu_jobs_take_no_lock_and_import_no_torch() -> None:
         import os, sys
         from types import SimpleNamespace as N
         from pipeline.placement import gpu_slot, job_gpus
-        spec = N(model=N(device="cpu"), backend=N(name="hf"), scoring=N(perplexity=True),
-                 paths=N(cache_dir="/nonexistent"))
+        spec = N(model=N(device="cpu"),
+                 backend=N(name="hf", impl="pipeline.backends.hf:HFBackend"),
+                 scoring=N(perplexity=True), paths=N(cache_dir="/nonexistent"))
         with gpu_slot(spec) as ids:
             assert ids == []
         os.environ["CUDA_VISIBLE_DEVICES"] = ""   # auto with every GPU hidden

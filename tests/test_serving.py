@@ -22,16 +22,12 @@ from typing import Any
 import psutil
 import pytest
 
-from pipeline.backends.base import Request, UnsupportedDecoding
-from pipeline.config import (
-    ConfigError,
-    DecodingConfig,
-    ModelConfig,
-    OpenAIBackendConfig,
-    VLLMServerBackendConfig,
-)
-from pipeline.decoding import openai_body
+from pipeline.backends.openai import OpenAIBackendConfig, openai_body
+from pipeline.backends.vllm.common import VLLMServerBackendConfig
+from pipeline.config import DecodingConfig, ModelConfig
+from pipeline.errors import ConfigError, UnsupportedDecoding
 from pipeline.metrics import performance
+from pipeline.records import Request
 from pipeline.serving_client import StreamRequest, run_requests
 from tests.conftest import CACHE_DIR, run_cli
 
@@ -77,13 +73,13 @@ def test_beam_search_is_refused_even_with_extensions() -> None:
 
 
 def test_config_refuses_a_key_in_place_of_an_env_var_name() -> None:
-    from pipeline.config import validate_backend
+    from pipeline.backends.openai import OpenAIBackend
 
     with pytest.raises(ConfigError, match="backend.api_key_env"):
-        validate_backend(OpenAIBackendConfig(api_key_env="sk-live-1234"))
+        OpenAIBackend.validate_settings(OpenAIBackendConfig(api_key_env="sk-live-1234"))
     with pytest.raises(ConfigError, match="backend.stream"):
-        validate_backend(OpenAIBackendConfig(stream=False))
-    validate_backend(OpenAIBackendConfig(api_key_env="MY_API_KEY"))
+        OpenAIBackend.validate_settings(OpenAIBackendConfig(stream=False))
+    OpenAIBackend.validate_settings(OpenAIBackendConfig(api_key_env="MY_API_KEY"))
 
 
 # ----------------------------------------------------------------------- fake server (fast)
@@ -231,7 +227,7 @@ def test_client_turns_failures_into_error_records(mode: str, timeout: float, mat
 
 
 def test_client_reports_a_closed_port_as_errors() -> None:
-    from pipeline.backends.vllm_server import free_port
+    from pipeline.backends.vllm.server import free_port
 
     url = f"http://127.0.0.1:{free_port()}/v1"
     recs = run_requests(_reqs(url, "ok", 2), [0.0, 0.0], 1, 5.0)
@@ -266,7 +262,7 @@ def test_openai_backend_sends_the_key_from_the_env_and_never_stores_it(
 
 def test_openai_backend_fails_clearly_on_an_unreachable_url(model_dir: str) -> None:
     from pipeline.backends.openai import OpenAIBackend
-    from pipeline.backends.vllm_server import free_port
+    from pipeline.backends.vllm.server import free_port
 
     cfg = OpenAIBackendConfig(base_url=f"http://127.0.0.1:{free_port()}/v1",
                               connect_timeout_s=3.0)
@@ -313,7 +309,7 @@ http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
 
 
 def _fake_server(tmp: Path, healthy_after: float) -> Any:
-    from pipeline.backends.vllm_server import VLLMServer, free_port
+    from pipeline.backends.vllm.server import VLLMServer, free_port
 
     script = tmp / "fake_server.py"
     script.write_text(FAKE_SERVER)
@@ -321,7 +317,7 @@ def _fake_server(tmp: Path, healthy_after: float) -> Any:
     import sys
 
     cmd = [sys.executable, str(script), str(port), str(healthy_after), str(tmp / "child.pid")]
-    return VLLMServer(key=("fake", port), cmd=cmd, env={}, log_path=tmp / "fake.log", port=port)
+    return VLLMServer(key=("fake", port), env={}, cmd=cmd, log_path=tmp / "fake.log", port=port)
 
 
 def _gone(pid: int, within_s: float = 15.0) -> bool:
@@ -337,7 +333,7 @@ def _gone(pid: int, within_s: float = 15.0) -> bool:
 
 
 def test_server_stop_takes_its_whole_process_group(tmp_path: Path) -> None:
-    from pipeline.backends.vllm_server import running_servers
+    from pipeline.backends.vllm.server import running_servers
 
     s = _fake_server(tmp_path, healthy_after=0.5)
     s.start(timeout_s=30)
@@ -419,7 +415,7 @@ def _server_procs_of(pids: list[int], mine: bool = False) -> list[psutil.Process
 @pytest.fixture(scope="module")
 def no_orphans() -> Iterator[None]:
     """Record every server start; after the module, stop them and prove none survives."""
-    from pipeline.backends import vllm_server as vs
+    from pipeline.backends.vllm import server as vs
 
     original = vs.VLLMServer.start
 
@@ -433,7 +429,7 @@ def no_orphans() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(vs.VLLMServer, "start", recording_start)
         yield
-    vs.stop_servers()
+    vs.VLLMServerBackend.shutdown_cached()
     deadline = time.monotonic() + 20
     while _server_procs_of(_STARTED, mine=True) and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -452,14 +448,14 @@ def server(no_orphans: None, model_dir: str, tmp_path_factory: pytest.TempPathFa
            ) -> Iterator[Any]:
     """One vLLM server for the module, loaded through backend=vllm_server."""
     pytest.importorskip("vllm")
-    from pipeline.backends.vllm_server import VLLMServerBackend, stop_servers
+    from pipeline.backends.vllm.server import VLLMServerBackend
 
     b = VLLMServerBackend(model_dir, ModelConfig(),
                           _server_cfg(tmp_path_factory.mktemp("srv")), seed=0)
     b.load()
     yield b
     b.close()
-    stop_servers()
+    VLLMServerBackend.shutdown_cached()
 
 
 @pytest.fixture(scope="module")
@@ -513,7 +509,7 @@ def test_openai_backend_on_the_same_server(server: Any, requests_: list[Request]
 
 @pytest.mark.slow
 def test_jobs_with_the_same_settings_reuse_the_server(server: Any, model_dir: str) -> None:
-    from pipeline.backends.vllm_server import VLLMServerBackend, running_servers
+    from pipeline.backends.vllm.server import VLLMServerBackend, running_servers
 
     again = VLLMServerBackend(model_dir, ModelConfig(), server.server_cfg, seed=0)
     again.load()
@@ -543,7 +539,7 @@ def test_bad_model_path_fails_within_the_timeout_and_leaves_nothing(
     no_orphans: None, tmp_path: Path
 ) -> None:
     pytest.importorskip("vllm")
-    from pipeline.backends import vllm_server as vs
+    from pipeline.backends.vllm import server as vs
 
     empty = tmp_path / "not_a_model"
     empty.mkdir()
@@ -582,7 +578,7 @@ def test_run_py_vllm_server_job_end_to_end(no_orphans: None, tmp_path: Path) -> 
 
 @pytest.mark.slow
 def test_run_py_unreachable_endpoint_fails_the_job(tmp_path: Path) -> None:
-    from pipeline.backends.vllm_server import free_port
+    from pipeline.backends.vllm.server import free_port
 
     url = f"http://127.0.0.1:{free_port()}/v1"
     p = run_cli("backend=openai", f"backend.base_url={url}", "backend.connect_timeout_s=3",

@@ -20,11 +20,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pipeline.config import ModelConfig, VLLMBackendConfig
+from pipeline.backends.vllm.common import VLLMBackendConfig
+from pipeline.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "outputs" / "cache"
-SMALL = VLLMBackendConfig(max_model_len=512)
+SMALL = VLLMBackendConfig(max_model_len=512, cache_root=str(CACHE / "vllm"))
 PROMPTS = [
     "Explain in two sentences why the sky looks blue during the day.",
     "Write a short poem about a lighthouse keeper who loves the fog.",
@@ -42,14 +43,13 @@ def vllm_model_dir() -> str:
 
 @pytest.fixture(scope="module")
 def backend(vllm_model_dir: str) -> Iterator:
-    from pipeline.backends import vllm
+    from pipeline.backends.vllm.engine import VLLMBackend
 
-    b = vllm.VLLMBackend(vllm_model_dir, ModelConfig(), SMALL, seed=0,
-                         cache_root=str(CACHE / "vllm"))
+    b = VLLMBackend(vllm_model_dir, ModelConfig(), SMALL, seed=0)
     b.load()
     yield b
     b.close()
-    vllm.shutdown_engines()  # also when a test in between failed
+    VLLMBackend.shutdown_cached()  # also when a test in between failed
 
 
 @pytest.fixture(scope="module")
@@ -77,15 +77,15 @@ def _vllm_children() -> list[psutil.Process]:
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_unsupported_decoding_fails_before_the_engine_loads() -> None:
-    from pipeline.backends import preflight
-    from pipeline.backends.base import UnsupportedDecoding
+    from pipeline.backends import backend_class
     from pipeline.config import Config, DecodingConfig, WorkloadConfig
+    from pipeline.errors import UnsupportedDecoding
 
     spec = Config(model=ModelConfig(), backend=VLLMBackendConfig(),
                   decoding=DecodingConfig(no_repeat_ngram_size=3),
                   workload=WorkloadConfig(prompts=["hi"]))
     with pytest.raises(UnsupportedDecoding, match="backend vllm: decoding.no_repeat_ngram_size"):
-        preflight(spec)
+        backend_class(spec.backend.impl).check(spec)
     # The real path: the CLI refuses it with exit 2 and never starts an engine.
     p = subprocess.run(
         [sys.executable, "run.py", "backend=vllm", "decoding=combined",
@@ -132,8 +132,23 @@ def test_beam_search_strips_the_prompt(backend, requests) -> None:
 
 @pytest.mark.slow
 @pytest.mark.vllm
+def test_requests_with_their_own_output_length(backend, requests) -> None:
+    import dataclasses
+
+    from pipeline.config import DecodingConfig
+
+    assert backend.per_request_output_lengths
+    own = [dataclasses.replace(requests[0], max_new_tokens=3), requests[1]]
+    for d in (DecodingConfig(), DecodingConfig(num_beams=2)):
+        recs = backend.generate(own, d, max_new_tokens=5, fixed_length=True)
+        assert [r.output_tokens for r in recs] == [3, 5], d
+        assert [r.index for r in recs] == [q.index for q in own]
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
 def test_kv_cache_capacity_and_applied_settings(backend) -> None:
-    from pipeline.backends.vllm import threads_bind
+    from pipeline.backends.vllm.common import threads_bind
 
     m = backend.extra_metrics()
     assert m["kv_cache_tokens"] > 0 and m["kv_cache_blocks"] > 0
@@ -148,28 +163,27 @@ def test_kv_cache_capacity_and_applied_settings(backend) -> None:
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_same_settings_reuse_one_engine(backend, vllm_model_dir: str) -> None:
-    from pipeline.backends import vllm
+    from pipeline.backends.vllm.engine import ENGINES, VLLMBackend
     from pipeline.measure.memory import tree_rss
 
     first = backend.extra_metrics()
     assert first["engine_reused"] in (0.0, 1.0)
-    others = [vllm.VLLMBackend(vllm_model_dir, ModelConfig(), SMALL, seed=0,
-                               cache_root=str(CACHE / "vllm")) for _ in range(2)]
+    others = [VLLMBackend(vllm_model_dir, ModelConfig(), SMALL, seed=0) for _ in range(2)]
     for b in others:
         b.load()
         assert b.llm is backend.llm
         m = b.extra_metrics()
         assert m["engine_reused"] == 1.0 and "engine_start_s" not in m
         b.close()
-    assert vllm.cached_engines() == 1
+    assert VLLMBackend.cached_engines() == 1
     # While a job holds the engine its processes count towards that job's memory; once
     # nobody holds it, an unrelated job's measurement leaves it out.
     pids = backend.child_pids()
-    assert not vllm._idle_engine_pids()
+    assert not ENGINES.idle_pids()
     held = tree_rss(os.getpid(), pids)
     backend.close()
     try:
-        assert set(pids) <= set(vllm._idle_engine_pids())
+        assert set(pids) <= set(ENGINES.idle_pids())
         assert tree_rss(os.getpid()) < held
     finally:
         backend.load()  # hold it again for the remaining tests (reused, not restarted)
@@ -179,12 +193,12 @@ def test_same_settings_reuse_one_engine(backend, vllm_model_dir: str) -> None:
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_shutdown_leaves_no_vllm_process(backend) -> None:
-    from pipeline.backends import vllm
+    from pipeline.backends.vllm.engine import VLLMBackend
 
     assert _vllm_children(), "the engine should be running before shutdown"
     backend.close()
-    assert vllm.shutdown_engines() == 1
-    assert vllm.cached_engines() == 0
+    assert VLLMBackend.shutdown_cached() == 1
+    assert VLLMBackend.cached_engines() == 0
     survivors = [(p.pid, p.name()) for p in _vllm_children()]
     assert not survivors, survivors
 
@@ -312,21 +326,122 @@ def test_sweep_parity_pairs_only_jobs_differing_in_backend(tmp_path: Path) -> No
 
 
 def test_threads_bind_all_lists_usable_cores() -> None:
-    from pipeline.backends.vllm import _ranges, threads_bind
+    from pipeline.backends.vllm.common import cpu_list, threads_bind
 
-    assert _ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    assert cpu_list([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
     assert threads_bind("auto", 1) == "auto" and threads_bind("0,1", 1) == "0,1"
     cores = sorted(os.sched_getaffinity(0))
-    assert threads_bind("all", 1) == _ranges(cores)
+    assert threads_bind("all", 1) == cpu_list(cores)
     if len(cores) >= 2:
         assert threads_bind("all", 2).count("|") == 1
 
 
 def test_vllm_refuses_beam_sampling_instead_of_dropping_do_sample() -> None:
-    from pipeline.backends.base import UnsupportedDecoding
+    from pipeline.backends.vllm.sampling import check_vllm
     from pipeline.config import DecodingConfig
-    from pipeline.decoding import check_vllm
+    from pipeline.errors import UnsupportedDecoding
 
     with pytest.raises(UnsupportedDecoding, match="backend vllm: decoding.do_sample"):
         check_vllm(DecodingConfig(num_beams=4, do_sample=True, temperature=0.3))
     check_vllm(DecodingConfig(num_beams=4))  # deterministic beam search is fine
+
+
+def test_engine_env_applies_only_while_the_engine_starts(monkeypatch: pytest.MonkeyPatch,
+                                                         tmp_path: Path) -> None:
+    from pipeline.backends.vllm.common import engine_env, scoped_env
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "7")
+    monkeypatch.delenv("VLLM_CACHE_ROOT", raising=False)
+    env = engine_env(VLLMBackendConfig(cache_root=str(tmp_path / "v")), "vllm")
+    assert env["VLLM_CACHE_ROOT"] == str((tmp_path / "v").resolve())
+    assert env["VLLM_NO_USAGE_STATS"] == "1" and env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    with scoped_env(env):
+        assert os.environ["VLLM_CACHE_ROOT"] == env["VLLM_CACHE_ROOT"]
+        assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "7" and "VLLM_CACHE_ROOT" not in os.environ
+
+
+def test_engine_cache_keeps_one_idle_engine_and_stops_all() -> None:
+    from dataclasses import dataclass
+
+    from pipeline.backends.vllm.common import EngineCache, Shared
+
+    stopped: list[tuple] = []
+
+    @dataclass
+    class Fake(Shared):
+        def root_pids(self) -> list[int]:
+            return [os.getpid()]
+
+        def stop(self) -> None:
+            stopped.append(self.key)
+
+    cache: EngineCache[Fake] = EngineCache("fake engine")
+    a, reused = cache.take(("a",), lambda: Fake(key=("a",), env={}))
+    assert not reused and a.users == 1 and len(cache) == 1 and not cache.idle_pids()
+    a.release()
+    again, reused = cache.take(("a",), lambda: Fake(key=("a",), env={}))
+    assert reused and again is a and a.jobs == 2
+    b, _ = cache.take(("b",), lambda: Fake(key=("b",), env={}))  # a is held: both stay
+    assert len(cache) == 2 and not stopped
+    b.release()
+    c, _ = cache.take(("c",), lambda: Fake(key=("c",), env={}))  # b is idle: it goes
+    assert stopped == [("b",)] and len(cache) == 2
+    assert cache.stop_all() == 2 and len(cache) == 0 and cache.stop_all() == 0
+    assert sorted(stopped) == [("a",), ("b",), ("c",)] and c.key == ("c",)
+
+
+def test_per_request_lengths_and_context_check() -> None:
+    from pipeline.backends.vllm.common import check_context, output_lengths
+    from pipeline.errors import ConfigError
+    from pipeline.records import Request
+
+    class Req:  # a Request with its own output length
+        index, prompt, prompt_token_ids, max_new_tokens = 1, "p", (1, 2, 3), 20
+
+    reqs = [Request(index=0, prompt="p", prompt_token_ids=(1, 2)), Req()]
+    lengths = output_lengths(reqs, 8)  # type: ignore[arg-type]
+    assert lengths == [8, 20]
+    check_context(reqs, lengths, 23, "vllm")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="backend.max_model_len=22 .* 3-token prompt plus "
+                                          "workload.max_new_tokens=20"):
+        check_context(reqs, lengths, 22, "vllm")  # type: ignore[arg-type]
+
+
+def test_vllm_settings_validate_and_compose_from_the_yamls() -> None:
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.backends.vllm.common import VLLMServerBackendConfig
+    from pipeline.backends.vllm.engine import VLLMBackend
+    from pipeline.backends.vllm.server import VLLMServerBackend
+    from pipeline.config import (
+        Config,
+        ConfigError,
+        DecodingConfig,
+        WorkloadConfig,
+        register_configs,
+        validate,
+    )
+
+    for bad, key in ((dict(max_model_len=8), "max_model_len"), (dict(dtype="fp8"), "dtype"),
+                     (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization")):
+        with pytest.raises(ConfigError, match=f"backend.{key}="):
+            VLLMBackend.validate_settings(VLLMBackendConfig(**bad))
+        with pytest.raises(ConfigError, match=f"backend.{key}="):
+            VLLMServerBackend.validate_settings(VLLMServerBackendConfig(**bad))
+    with pytest.raises(ConfigError, match="backend.api="):
+        VLLMServerBackend.validate_settings(VLLMServerBackendConfig(api="legacy"))
+    register_configs()
+    for name, cls in (("vllm", VLLMBackend), ("vllm_server", VLLMServerBackend)):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=[f"backend={name}",
+                                                           "paths.cache_dir=/tmp/c"])
+        spec = validate(cfg)
+        assert isinstance(spec.backend, cls.config_class)
+        assert spec.backend.cache_root == "/tmp/c/vllm"
+        assert cls.gpus_needed(spec) == 1
+    spec = Config(model=ModelConfig(device="cpu"), backend=VLLMServerBackendConfig(),
+                  decoding=DecodingConfig(), workload=WorkloadConfig(prompts=["hi"]))
+    with pytest.raises(ConfigError, match="model.device='cpu' is invalid for backend="):
+        VLLMServerBackend.check(spec)
+    assert VLLMServerBackend.gpus_needed(spec) == 0

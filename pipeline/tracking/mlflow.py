@@ -1,0 +1,353 @@
+"""MLflow: a parent run per sweep, a child run per job, the store under ``outputs/``.
+
+The client API (not the fluent one) is used throughout: runs are addressed by id, so a
+job in another process (joblib, ray, slurm) attaches to its sweep's parent by reading the
+parent id from a file in the sweep folder, with no in-process state.
+
+This module holds the one rule for where the default store is (:func:`default_store_uri`);
+the jobs, the sweep callback, ``sync`` and the report all ask it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pipeline.records import JobResult
+
+PARENT_ID_FILE = "mlflow_parent_run_id"
+RUN_ID_FILE = "mlflow_run_id"
+
+#: MLflow 3 picks an experiment's landing page from this tag: without it the UI opens on
+#: the GenAI "Overview" (traces) page; with ``custom_model_development`` on the runs table
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+#: the address ``mlflow ui`` serves on by default (see :func:`ui_command`)
+LOCAL_UI = "http://127.0.0.1:5000"
+#: the config groups whose chosen preset names a run (``<job>-<backend>-<decoding>-<workload>``)
+NAME_GROUPS = ("backend", "decoding", "workload")
+
+
+# --------------------------------------------------------------------------- the store
+
+
+def store_dir(output_dir: str | Path) -> Path:
+    """The default store's folder, ``<output_dir>/mlflow`` (absolute)."""
+    return Path(output_dir).expanduser().resolve() / "mlflow"
+
+
+def default_store_uri(output_dir: str | Path) -> str:
+    """The default store: SQLite at ``<output_dir>/mlflow/mlflow.db``, absolute, so jobs
+    started from other working directories find the same file."""
+    return f"sqlite:///{store_dir(output_dir) / 'mlflow.db'}"
+
+
+def store_paths(output_dir: str | Path) -> tuple[str, str]:
+    """Default store URI and artifact root under ``output_dir`` (the folder is created)."""
+    base = store_dir(output_dir)
+    base.mkdir(parents=True, exist_ok=True)
+    return default_store_uri(output_dir), (base / "artifacts").as_uri()
+
+
+def sqlite_artifact_root(uri: str) -> str | None:
+    """For a SQLite store, ``<db folder>/artifacts`` as a file URI (the folder is not
+    created: MLflow makes it on the first artifact); None for any other store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = uri[len("sqlite:///"):]
+    if not db or db == ":memory:":
+        return None
+    return (Path(db).expanduser().resolve().parent / "artifacts").as_uri()
+
+
+def tracking_uri(cfg: Any) -> str:
+    """``tracking.uri`` if set, else the default SQLite store (its folder is created:
+    SQLite makes the file, not the folder)."""
+    return cfg.tracking.uri or store_paths(cfg.paths.output_dir)[0]
+
+
+def store_for_sweep_dir(sweep_dir: Path) -> str | None:
+    """The store a sweep folder logged to: its ``tracking.uri`` (from Hydra's
+    ``multirun.yaml``) when set, else the default store of its output dir
+    (``<output_dir>/multirun/<time>``) when that file exists."""
+    multirun = sweep_dir / "multirun.yaml"
+    if multirun.is_file():
+        from omegaconf import OmegaConf
+
+        try:
+            uri = OmegaConf.select(OmegaConf.load(multirun), "tracking.uri")
+        except Exception:  # an unreadable file only loses the hint
+            uri = None
+        if uri:
+            return str(uri)
+    output_dir = sweep_dir.expanduser().resolve().parent.parent
+    return default_store_uri(output_dir) if (store_dir(output_dir) / "mlflow.db").is_file() \
+        else None
+
+
+def ui_command(uri: str) -> str:
+    """A light, local MLflow UI command for this store (one worker, loopback only)."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --workers 1"
+
+
+def ui_base(uri: str) -> str:
+    """The UI's address: the tracking server itself, or the local ``mlflow ui``'s."""
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+
+
+def runs_url(uri: str, exp_id: str, parent_run_id: str | None = None) -> str:
+    """The experiment's runs table (MLflow 3's hash route ``#/experiments/<id>/runs``),
+    filtered to a sweep's child runs when ``parent_run_id`` is given."""
+    url = f"{ui_base(uri)}/#/experiments/{exp_id}/runs"
+    if parent_run_id:
+        flt = f"tags.mlflow.parentRunId = '{parent_run_id}'"
+        url += "?searchFilter=" + urllib.parse.quote(flt, safe="")
+    return url
+
+
+def compare_url(uri: str, exp_id: str, run_ids: list[str]) -> str:
+    """MLflow's compare page for these runs (``#/compare-runs?runs=[..]&experiments=[..]``,
+    the format of MLflow 3's ``Routes.getCompareRunPageRoute``)."""
+    runs = urllib.parse.quote(json.dumps(sorted(set(run_ids)), separators=(",", ":")), safe="")
+    exps = urllib.parse.quote(json.dumps([exp_id], separators=(",", ":")), safe="")
+    return f"{ui_base(uri)}/#/compare-runs?runs={runs}&experiments={exps}"
+
+
+def ui_hint(uri: str, exp_id: str | None = None, parent_run_id: str | None = None,
+            run_ids: list[str] | None = None) -> str:
+    """What to print after a run or sweep: the UI command, then (when the experiment is
+    known) the sweep's runs page and the compare page of its runs."""
+    lines = [ui_command(uri)]
+    if exp_id is not None:
+        lines.append(f"runs:    {runs_url(uri, exp_id, parent_run_id)}")
+        if run_ids and len(run_ids) > 1:
+            lines.append(f"compare: {compare_url(uri, exp_id, run_ids)}")
+    return "\n  ".join(lines)
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server does not answer."""
+
+
+def probe(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast when a remote tracking server is down: MLflow's own client retries with
+    back-off for minutes before giving up."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s):
+            pass
+    except (urllib.error.URLError, OSError) as e:
+        raise TrackingUnavailable(f"MLflow server {uri} is unreachable ({e})") from e
+
+
+def client_for(cfg: Any) -> tuple[Any, str]:
+    """An MlflowClient on the configured store and the experiment id.
+
+    A missing experiment is created with its artifacts beside the SQLite store
+    (``<db folder>/artifacts``, never ``./mlruns`` of the working directory) and the tag
+    ``mlflow.experimentKind=custom_model_development``, so MLflow 3's UI opens on its runs
+    table; an existing experiment without that tag gets it."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(cfg)
+    probe(uri)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        artifacts = sqlite_artifact_root(uri)
+        try:
+            return client, client.create_experiment(
+                cfg.tracking.experiment, artifact_location=artifacts,
+                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except Exception:  # another job created it first
+            exp = client.get_experiment_by_name(cfg.tracking.experiment)
+            if exp is None:
+                raise
+    if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return client, exp.experiment_id
+
+
+# --------------------------------------------------------------------------- logging
+
+
+def log_metrics(client: Any, run_id: str, metrics: Mapping[str, Any] | None = None,
+                params: Mapping[str, Any] | None = None,
+                tags: Mapping[str, Any] | None = None) -> None:
+    """Log metrics (finite numbers only; others are skipped), params and tags to a run, in
+    chunks under MLflow's per-request limits (1000 metrics, 100 params or tags)."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    ts = int(time.time() * 1000)
+    m = [Metric(k, float(v), ts, 0) for k, v in (metrics or {}).items()
+         if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)]
+    p = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
+    t = [RunTag(k, str(v)[:5000]) for k, v in (tags or {}).items()]
+    for i in range(0, len(m), 1000):
+        client.log_batch(run_id, metrics=m[i : i + 1000])
+    for i in range(0, len(p), 100):
+        client.log_batch(run_id, params=p[i : i + 100])
+    for i in range(0, len(t), 100):
+        client.log_batch(run_id, tags=t[i : i + 100])
+
+
+def as_job_result(result: JobResult | Mapping[str, Any]) -> JobResult:
+    """A :class:`JobResult`; a results.json dict is converted (callers still passing
+    dicts keep working while they move to the typed record)."""
+    return result if isinstance(result, JobResult) else JobResult.from_dict(dict(result))
+
+
+def run_tags(result: JobResult) -> dict[str, str]:
+    """Tags for a job run: the axes, the overrides, versions, hardware, commit."""
+    cfg, prov = result.config, result.provenance
+    tags = {
+        "backend": cfg["backend"]["name"],
+        "model": cfg["model"]["name"],
+        "decoding": cfg["decoding"]["name"],
+        "workload": cfg["workload"]["name"],
+        "hydra_overrides": " ".join(prov["overrides"]),
+        "command": prov["command"],
+        "git_commit": prov["git_commit"],
+        "hardware.cpu": prov["hardware"].get("cpu", ""),
+        "hardware.gpu": prov["hardware"].get("gpu", "none"),
+        "config_hash": result.config_hash,
+        "status": result.status,
+    }
+    tags.update({f"version.{k}": v for k, v in prov["versions"].items()})
+    tags.update({f"preset.{k}": v for k, v in result.choices.items()})
+    if result.applied.get("dtype") is not None:
+        tags["applied.dtype"] = str(result.applied["dtype"])
+    return tags
+
+
+def run_name(result: JobResult) -> str:
+    """``<job>-<backend>-<decoding>-<workload>``, each the preset the user chose
+    (``backend=hf_fast``), falling back to the config's ``name`` (results without
+    ``choices``)."""
+    parts = [str(result.choices.get(g) or result.config.get(g, {}).get("name", "?"))
+             for g in NAME_GROUPS]
+    if result.job_num is not None:
+        parts.insert(0, str(result.job_num))
+    return "-".join(p.replace("/", "_") for p in parts)
+
+
+def _log_generations(client: Any, run_id: str, requests: list[dict[str, Any]]) -> None:
+    client.log_table(run_id, data={
+        "index": [r["index"] for r in requests],
+        "prompt": [r["prompt"] for r in requests],
+        "generation": [r["text"] for r in requests],
+        "output_tokens": [r["output_tokens"] for r in requests],
+        "error": [r.get("error") or "" for r in requests],
+    }, artifact_file="generations.json")
+
+
+def log_job(cfg: Any, result: JobResult | Mapping[str, Any], job_dir: Path,
+            parent_run_id: str | None, params: Mapping[str, Any]) -> str:
+    """Log one job as an MLflow run (a child when ``parent_run_id`` is given); returns the
+    run id and writes it to ``<job_dir>/mlflow_run_id``. ``result`` may still be a
+    results.json dict."""
+    result = as_job_result(result)
+    client, exp_id = client_for(cfg)
+    tags = run_tags(result)
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    if result.resumed_from:
+        tags["resumed_from"] = result.resumed_from
+    params = dict(params)
+    if "applied.dtype" in tags:
+        params.setdefault("applied.dtype", tags["applied.dtype"])
+    # the job's own start and end, so the UI's duration is the job's, not the logging's
+    run_id = client.create_run(exp_id, start_time=result.started_at, tags=tags,
+                               run_name=run_name(result)).info.run_id
+    end = result.ended_at
+    try:
+        log_metrics(client, run_id, metrics=result.metrics, params=params)
+        for f in ("results.json", "config.yaml", "error.txt", "server.log"):
+            if (job_dir / f).is_file():
+                client.log_artifact(run_id, str(job_dir / f))
+        hydra_dir = job_dir / ".hydra"
+        if hydra_dir.is_dir():
+            client.log_artifacts(run_id, str(hydra_dir), artifact_path="hydra")
+        if cfg.tracking.log_generations and result.requests:
+            _log_generations(client, run_id, result.requests)
+        if result.error:
+            client.set_tag(run_id, "error", str(result.error)[:5000])
+        # MLflow has no SKIPPED status: a resumed job's link run is FINISHED, tagged
+        # status=SKIPPED and resumed_from=<its original run>
+        ok = result.finished or result.status == "SKIPPED"
+        client.set_terminated(run_id, "FINISHED" if ok else "FAILED", end_time=end)
+    except BaseException:
+        client.set_terminated(run_id, "FAILED", end_time=end)
+        raise
+    # marks the job as logged, so `python -m pipeline.tracking.sync` does not log it twice
+    (job_dir / RUN_ID_FILE).write_text(run_id)
+    return run_id
+
+
+def find_finished(cfg: Any, chash: str) -> dict[str, Any] | None:
+    """The most recent FINISHED run whose ``config_hash`` tag is ``chash``: its
+    ``run_id`` and ``metrics``."""
+    client, exp_id = client_for(cfg)
+    runs = client.search_runs(
+        [exp_id], filter_string=f"tags.config_hash = '{chash}' and attributes.status = 'FINISHED'"
+                                " and tags.status != 'SKIPPED'",  # links, not measurements
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )
+    if not runs:
+        return None
+    return {"run_id": runs[0].info.run_id, "metrics": dict(runs[0].data.metrics)}
+
+
+def open_parent(client: Any, exp_id: str, sweep_dir: Path, tags: Mapping[str, str]) -> str:
+    """Create a sweep's parent run (tag ``kind=sweep``, its folder in ``sweep_dir``) and
+    write its id to ``<sweep_dir>/mlflow_parent_run_id`` for the jobs to find."""
+    run = client.create_run(exp_id, run_name=f"sweep-{sweep_dir.name}", tags={
+        "sweep_dir": str(sweep_dir.resolve()), "kind": "sweep", **tags})
+    (sweep_dir / PARENT_ID_FILE).write_text(run.info.run_id)
+    return str(run.info.run_id)
+
+
+def sweep_key(overrides: list[str]) -> str:
+    """What makes two sweeps the same sweep: their overrides, ``resume=`` left out and in
+    a fixed order (a resumed sweep adds ``resume=true`` to the killed one's command)."""
+    return " ".join(sorted(o for o in overrides if not o.lstrip("+~").startswith("resume=")))
+
+
+def take_over_parent(client: Any, exp_id: str, sweep_dir: Path, key: str) -> str | None:
+    """With ``resume=true``: the newest parent run left RUNNING by a killed sweep with the
+    same :func:`sweep_key` becomes this sweep's parent (its id written to
+    ``<sweep_dir>/mlflow_parent_run_id``); older ones left RUNNING are marked KILLED.
+    None when there is none."""
+    runs = client.search_runs(
+        [exp_id], filter_string="tags.kind = 'sweep' and attributes.status = 'RUNNING'",
+        order_by=["attributes.start_time DESC"], max_results=100)
+    same = [r for r in runs if r.data.tags.get("sweep_key") == key
+            and r.data.tags.get("sweep_dir") != str(sweep_dir.resolve())]
+    if not same:
+        return None
+    for old in same[1:]:
+        client.set_terminated(old.info.run_id, "KILLED")
+    run = same[0]
+    client.set_tag(run.info.run_id, "resumed_sweep_dirs",
+                   " ".join(filter(None, [run.data.tags.get("resumed_sweep_dirs"),
+                                          str(sweep_dir.resolve())])))
+    (sweep_dir / PARENT_ID_FILE).write_text(run.info.run_id)
+    return str(run.info.run_id)
+
+
+def read_parent_id(sweep_dir: Path) -> str | None:
+    """The sweep's parent run id, written by :func:`open_parent` at sweep start."""
+    f = sweep_dir / PARENT_ID_FILE
+    return f.read_text().strip() if f.is_file() else None
