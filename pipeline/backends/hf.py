@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.backends.base import Backend, BackendConfig
@@ -39,6 +41,9 @@ class HFBackendConfig(BackendConfig):
     #: under compile, prompts are left-padded to a multiple of this many tokens, so that
     #: few distinct shapes (few recompilations) reach the measured phase
     pad_bucket: int = 32
+    #: inductor's on-disk cache (compiled kernels, autotuning results; keyed by graph,
+    #: settings and torch version): a second run on the machine skips most compilation
+    compile_cache_dir: str | None = None
     dtype: str | None = None
     num_threads: int | None = None
 
@@ -195,6 +200,13 @@ class HFBackend(Backend):
         if self.cfg.compile:
             import torch._inductor.config as inductor
 
+            if self.cfg.compile_cache_dir:
+                # read by inductor whenever it compiles (also later recompiles), so it is
+                # set for the process; a user's own TORCHINDUCTOR_CACHE_DIR wins
+                os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                                      str(Path(self.cfg.compile_cache_dir).expanduser()))
+            inductor.fx_graph_cache = True
+
             # freezing folds weights into the graph as constants (inference only); the
             # C++ wrapper removes Python from the per-step launch path
             inductor.freezing = self.cfg.inductor_freezing
@@ -347,6 +359,8 @@ class HFBackend(Backend):
             "model_reused": self.model_reused,
             "inductor_freezing": self.cfg.inductor_freezing if self.cfg.compile else None,
             "pad_bucket": self.cfg.pad_bucket if self.cfg.compile else None,
+            "compile_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+            if self.cfg.compile else None,
             "torch_threads": torch.get_num_threads(),
             "num_parameters": sum(p.numel() for p in m.parameters()),
             "weights": self.model_cfg.weights,
