@@ -53,3 +53,17 @@ def test_profile_script_splits_the_step() -> None:
         rows["of which generate's own work"][0])
     assert step > 0 and parts == pytest.approx(step, rel=1e-3)
     assert "Self CPU" in p.stdout  # the profiler's op table
+
+
+def test_roofline_table_runs_the_pipeline_sweep() -> None:
+    p = subprocess.run([sys.executable, "benchmarks/roofline_table.py", "--backends", "hf",
+                        "--batches", "1,2", "--new-tokens", "4", "--prompts", "2",
+                        "--dtype", "float32"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = [ln.split() for ln in p.stdout.splitlines() if ln.startswith("hf ")]
+    assert [ln[1] for ln in lines] == ["1", "2"]
+    for ln in lines:
+        tok_s, roof, share = float(ln[2]), float(ln[3]), float(ln[4])
+        assert tok_s > 0 and roof > 0 and share == pytest.approx(tok_s / roof, abs=0.01)
+    assert "CPU:" in p.stdout and "of it)" in p.stdout

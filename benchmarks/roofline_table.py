@@ -1,0 +1,111 @@
+"""hf, hf_fast and vLLM side by side against this machine's roofline, in one run.
+
+    python benchmarks/roofline_table.py [--batches 1,8] [--new-tokens 64] [--prompts 8]
+                                        [--dtype bfloat16] [--backends hf,hf_fast,vllm]
+
+Runs the pipeline's own sweep (``run.py -m +experiment=fast_path`` with the arguments as
+overrides) into a throwaway output folder, so every figure is measured the way a job
+measures it (greedy, fixed length, prefill included, warm-up untimed), then prints one
+table: output tokens/s, the roofline for that batch and the share of it reached, compile
+time, plus where the sweep's wall time went and the machine (CPU flags, versions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def cpu_flags() -> str:
+    """The flags that decide bf16 speed on a CPU (avx512_bf16, amx), and the model name."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "lscpu unavailable"
+    name = next((ln.split(":", 1)[1].strip() for ln in out.splitlines()
+                 if ln.startswith("Model name")), "?")
+    flags = next((ln.split(":", 1)[1].split() for ln in out.splitlines()
+                  if ln.startswith("Flags")), [])
+    wanted = [f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16",
+                                        "amx_tile", "avx512_vnni")]
+    return f"{name}; {' '.join(wanted) or 'no AVX2/AVX-512 flags'}"
+
+
+def run_sweep(args: argparse.Namespace, out: Path) -> float:
+    """The fast_path sweep with these settings; returns its wall time in seconds."""
+    cmd = [sys.executable, "run.py", "-m", "+experiment=fast_path",
+           f"backend={args.backends}", f"workload.batch_size={args.batches}",
+           f"workload.max_new_tokens={args.new_tokens}", f"workload.num_prompts={args.prompts}",
+           f"model.dtype={args.dtype}", f"paths.output_dir={out}",
+           f"paths.cache_dir={ROOT / 'outputs' / 'cache'}", "tracking.enabled=false"]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        sys.stderr.write(p.stdout[-3000:] + p.stderr[-3000:])
+        raise SystemExit(f"the sweep failed (exit {p.returncode})")
+    return wall
+
+
+def rows(out: Path) -> list[dict]:
+    """One row per job of the sweep, from its results.json."""
+    found = []
+    for f in sorted(out.glob("multirun/*/*/results.json")):
+        r = json.loads(f.read_text())
+        m, c = r.get("metrics", {}), r.get("config", {})
+        found.append({
+            "backend": (r.get("choices") or {}).get("backend") or c["backend"]["name"],
+            "batch": c["workload"]["batch_size"], "status": r["status"],
+            "tok_s": m.get("output_tokens_per_s"), "roof": m.get("roofline_tokens_per_s"),
+            "share": m.get("roofline_share"),
+            "compile_s": m.get("compile_s"), "generate_s": m.get("time_generate_s", 0.0),
+        })
+    return found
+
+
+def fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--backends", default="hf,hf_fast,vllm")
+    args = ap.parse_args()
+
+    from pipeline import provenance
+
+    with tempfile.TemporaryDirectory(prefix="roofline-table-") as tmp:
+        wall = run_sweep(args, Path(tmp))
+        table = rows(Path(tmp))
+    versions = provenance.collect([]).get("versions", {})
+    print(f"{time.strftime('%Y-%m-%d')}  CPU: {cpu_flags()}")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items()) if v))
+    print(f"greedy, {args.new_tokens} new tokens fixed, {args.prompts} prompts, {args.dtype}, "
+          f"prefill included\n")
+    head = f"{'backend':10}{'batch':>6}{'tok/s':>9}{'roofline':>10}{'share':>7}{'compile s':>11}"
+    print(head + "\n" + "-" * len(head))
+    for r in table:
+        print(f"{r['backend']:10}{r['batch']:>6}{fmt(r['tok_s'], '.1f'):>9}"
+              f"{fmt(r['roof'], '.0f'):>10}{fmt(r['share'], '.2f'):>7}"
+              f"{fmt(r['compile_s'], '.0f'):>11}" + ("" if r["status"] == "FINISHED"
+                                                     else f"  {r['status']}"))
+    gen = sum(r["generate_s"] for r in table)
+    print(f"\nsweep wall {wall:.0f} s, measured generation {gen:.0f} s "
+          f"({gen / wall:.0%} of it)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
