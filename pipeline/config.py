@@ -115,6 +115,27 @@ class WorkloadConfig:
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
     slo_e2el_ms: float | None = None
+    # Load profiles (online backends; docs/serving.md "Load profiles"): fixed (one phase,
+    # as above) | sweep | slo_search | ramp. A point runs point_requests requests (null:
+    # num_prompts, the prompts cycled), or for open-loop points point_duration_s seconds.
+    profile: str = "fixed"
+    sweep_points: int = 4
+    point_requests: int | None = None
+    point_duration_s: float | None = None
+    slo_percentile: float = 90.0
+    search_tolerance: float = 0.1
+    max_points: int = 10
+    ramp_start_rate: float | None = None
+    ramp_end_rate: float | None = None
+    # over-saturation: completions over the trailing window below saturation_rate_ratio x
+    # the offered rate while TTFT of the newest requests >= saturation_ttft_growth x the
+    # first ones', at two checks in a row -> the point ends early, marked saturated
+    saturation_rate_ratio: float = 0.8
+    saturation_ttft_growth: float = 2.0
+    point_grace_s: float = 10.0
+    # validity of a point: the client must not be the bottleneck
+    max_dispatch_lag_ms: float = 50.0
+    max_client_cpu_percent: float = 90.0
 
 
 @dataclass
@@ -146,6 +167,24 @@ class ScoringConfig:
     self_bleu_max_samples: int | None = 200
     #: sequences the perplexity scorer runs per forward pass
     batch_size: int = 8
+    #: metrics against each request's reference (``Request.reference``): shipped names
+    #: (exact_match, f1, bleu, chrf, rougeL, pass_at_1), an ``evaluate`` module folder or a
+    #: hub id; None -> ``task_reference_metrics[workload.name]`` (none for other workloads),
+    #: [] -> off. Logged as ``ref_<name>`` (pipeline/metrics/reference.py)
+    reference_metrics: list[str] | None = None
+    #: the default reference metrics of each task workload (by ``workload.name``)
+    task_reference_metrics: dict[str, list[str]] = field(default_factory=dict)
+    #: reference metrics see only the generation's first non-empty line (not pass_at_1,
+    #: which always gets the whole generation)
+    reference_first_line: bool = True
+    #: sandbox limits for pass_at_1: wall-clock seconds and address space per program
+    code_timeout_s: float = 10.0
+    code_memory_mb: int = 512
+    #: the gate's baseline (pipeline/gate.py): a job number of the sweep or an MLflow run
+    #: id; None -> found in the sweep (same config without the optimization keys)
+    reference_run: str | None = None
+    #: requests per pair the gate teacher-forces through both settings (0 = no KL)
+    gate_max_requests: int = 4
 
 
 @dataclass
@@ -246,6 +285,42 @@ def validate_decoding(d: DecodingConfig, prefix: str = "decoding") -> None:
                      f"decoding=temperature/topk/topp) or leave it at {neutral}")
 
 
+PROFILES = ("fixed", "sweep", "slo_search", "ramp")
+
+
+def _validate_profile(w: WorkloadConfig) -> None:
+    """The load-profile keys (pipeline/workload/profiles.py plans the points)."""
+    check_choice("workload.profile", w.profile, PROFILES)
+    check_range("workload.sweep_points", w.sweep_points, 1, 100)
+    check_range("workload.point_requests", w.point_requests, 1, optional=True)
+    check_range("workload.point_duration_s", w.point_duration_s, 0.0, lo_open=True,
+                optional=True)
+    check_range("workload.slo_percentile", w.slo_percentile, 0.0, 100.0, lo_open=True)
+    check_range("workload.search_tolerance", w.search_tolerance, 0.0, 1.0, lo_open=True)
+    check_range("workload.max_points", w.max_points, 3, 100)
+    for key in ("ramp_start_rate", "ramp_end_rate"):
+        check_range(f"workload.{key}", getattr(w, key), 0.0, lo_open=True, optional=True)
+    check_range("workload.saturation_rate_ratio", w.saturation_rate_ratio, 0.0, 1.0,
+                lo_open=True)
+    check_range("workload.saturation_ttft_growth", w.saturation_ttft_growth, 1.0,
+                lo_open=True)
+    check_range("workload.point_grace_s", w.point_grace_s, 0.0)
+    check_range("workload.max_dispatch_lag_ms", w.max_dispatch_lag_ms, 0.0, lo_open=True)
+    check_range("workload.max_client_cpu_percent", w.max_client_cpu_percent, 0.0,
+                lo_open=True)
+    if w.profile == "slo_search" and all(
+            getattr(w, k) is None for k in ("slo_ttft_ms", "slo_tpot_ms", "slo_e2el_ms")):
+        fail("workload.profile", w.profile, "slo_search needs at least one of "
+             "workload.slo_ttft_ms, slo_tpot_ms, slo_e2el_ms")
+    if w.profile == "ramp":
+        if w.ramp_end_rate is None:
+            fail("workload.ramp_end_rate", None, "profile=ramp needs the last point's rate "
+                 "(requests/s)")
+        if w.ramp_start_rate is not None and w.ramp_start_rate > w.ramp_end_rate:
+            fail("workload.ramp_start_rate", w.ramp_start_rate,
+                 f"must be <= workload.ramp_end_rate={w.ramp_end_rate}")
+
+
 def validate_workload(w: WorkloadConfig) -> None:
     """Range checks and prompt-source checks (existence only; contents are read later)."""
     check_range("workload.batch_size", w.batch_size, 1)
@@ -262,6 +337,7 @@ def validate_workload(w: WorkloadConfig) -> None:
     check_range("workload.request_timeout_s", w.request_timeout_s, 0.0, lo_open=True)
     for slo in ("slo_ttft_ms", "slo_tpot_ms", "slo_e2el_ms"):
         check_range(f"workload.{slo}", getattr(w, slo), 0.0, lo_open=True, optional=True)
+    _validate_profile(w)
     # local: the workload package imports this module, and these names are its own
     from pipeline.workload.files import path_problem
     from pipeline.workload.lengths import LENGTH_DISTS, length_bounds
@@ -403,6 +479,9 @@ def validate(cfg: DictConfig) -> Config:
     check_range("scoring.self_bleu_max_samples", typed.scoring.self_bleu_max_samples, 2,
                 optional=True)
     check_range("scoring.batch_size", typed.scoring.batch_size, 1)
+    from pipeline.metrics.reference import check_names, resolve_metrics
+
+    check_names(resolve_metrics(typed.scoring, typed.workload.name))
     check_range("measure.rss_sample_interval_s", typed.measure.rss_sample_interval_s, 0.0,
                 lo_open=True)
     return typed

@@ -31,6 +31,7 @@ from pipeline.workload import (
     load_prompts,
     make_requests,
 )
+from pipeline.workload.profiles import check_profile
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +43,16 @@ def config_hash(resolved: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def measure(backend: Backend, spec: Config, requests: list, timer: PhaseTimer
-            ) -> tuple[list[RequestRecord], dict[str, float]]:
+def measure(backend: Backend, spec: Config, requests: list, timer: PhaseTimer,
+            load_points: list | None = None) -> tuple[list[RequestRecord], dict[str, float]]:
     """Warm up, then run the measured phase ``repeats`` times; return the first repeat's
-    records (the generations that get scored) and the performance metrics."""
+    records (the generations that get scored) and the performance metrics. A load
+    profile (online only) runs its points instead and appends them to ``load_points``."""
     w = spec.workload
+    if backend.online and w.profile != "fixed":
+        from pipeline.serving.runner import run_profile
+
+        return run_profile(backend, spec, requests, timer, load_points)
     groups = batches(requests, w.batch_size)
     gen = dict(max_new_tokens=w.max_new_tokens, fixed_length=w.fixed_length)
     send_at = arrival_offsets(len(requests), w.request_rate, w.arrival, w.burstiness, spec.seed)
@@ -120,8 +126,9 @@ def _progress(items: list, desc: str) -> Any:
 
 def score(spec: Config, model_dir: str, backend: Backend, records: list[RequestRecord],
           requests: list) -> dict[str, float]:
-    """Perplexity (continuations under the scorer) and diversity of the generations."""
-    from pipeline.metrics import diversity, quality
+    """Perplexity (continuations under the scorer), diversity of the generations and the
+    reference metrics (``scoring.reference_metrics``) where requests carry references."""
+    from pipeline.metrics import diversity, quality, reference
 
     out: dict[str, float] = {}
     ok = [r for r in records if r.ok]
@@ -129,6 +136,9 @@ def score(spec: Config, model_dir: str, backend: Backend, records: list[RequestR
     if spec.scoring.diversity and texts:
         out.update(diversity.diversity_metrics(
             texts, max_self_bleu_samples=spec.scoring.self_bleu_max_samples, seed=spec.seed))
+    ref_names = reference.resolve_metrics(spec.scoring, spec.workload.name)
+    if ref_names and any(q.reference is not None for q in requests):
+        out.update(reference.score_records(ref_names, ok, requests, spec.scoring))
     # servers without token ids (plain OpenAI endpoints) cannot be scored token-exactly
     ok = [r for r in ok if r.output_token_ids] if not spec.scoring.scorer_path else ok
     if spec.scoring.perplexity and any(r.output_tokens for r in ok):
@@ -201,6 +211,7 @@ def check_inputs(cfg: DictConfig) -> tuple[Config, list[str]]:
     support of the backend, the prompts themselves. Imports nothing heavy."""
     spec = validate(cfg)
     backend_class(spec.backend.impl).check(spec)
+    check_profile(spec, backend_class(spec.backend.impl).online)  # offline: fixed only
     check_limits(spec)  # input + output within the context, per-request output lengths
     return spec, load_prompts(spec.workload)
 
@@ -296,7 +307,7 @@ def _execute(spec: Config, prompts: list[str], timer: PhaseTimer, results: JobRe
         timer.sync = backend.sync
         requests = make_requests(prompts, backend_tokenizer(backend, spec, model_dir),
                                  spec.model.use_chat_template, spec.workload, spec.seed)
-        records, metrics = measure(backend, spec, requests, timer)
+        records, metrics = measure(backend, spec, requests, timer, results.load_points)
         if not any(r.ok for r in records):
             raise RuntimeError(f"every request failed; first error: {records[0].error}")
         with timer.phase("scoring"):

@@ -110,6 +110,10 @@ class JobResult:
     #: tracking), the MLflow run's start and end time
     started_at: int | None = None
     ended_at: int | None = None
+    #: a load profile's points in order (``workload.profile`` != fixed), one dict each:
+    #: offered/achieved rate, latencies, SLO verdict, saturation, validity (see
+    #: ``pipeline/serving/points.py``); empty for a fixed profile
+    load_points: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:

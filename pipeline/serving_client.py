@@ -12,6 +12,12 @@ server-sent-event stream of an OpenAI-compatible ``/v1/completions`` or
   server streams token by token, as vLLM does by default);
 - ``t_end``: arrival of the last chunk with choices (not the trailing usage chunk).
 
+Every record also carries its scheduled send time ``extra["t_scheduled"]`` (the start of
+the run plus ``send_at[i]``) and ``extra["dispatch_lag_s"]``: how late the event loop woke
+up for it (a concurrency-slot wait is not lag; it is ``extra["client_queue_s"]``). A load
+point (:mod:`pipeline.serving`) can watch the run live and end it early
+(:class:`PointControl`, :func:`point_control`).
+
 Output and prompt token counts come from the server's ``usage`` (``stream_options:
 {"include_usage": true}``), never from re-tokenising text. Output token ids are kept only
 when the server sends them (vLLM's ``return_token_ids``) and they add up to the usage
@@ -24,8 +30,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import contextvars
 import json
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -54,8 +62,11 @@ class StreamRequest:
 
 @dataclass
 class _Stream:
-    """What has arrived so far for one request."""
+    """What has arrived so far for one request (read live by a :class:`PointControl`)."""
 
+    due: float = 0.0
+    t_start: float | None = None
+    t_end: float | None = None
     text: list[str] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)
     ids_complete: bool = True
@@ -65,6 +76,55 @@ class _Stream:
     usage: dict[str, Any] | None = None
     done: bool = False
     server_error: str | None = None
+
+
+@dataclass(frozen=True)
+class LiveRequest:
+    """One request as a stop rule sees it mid-run; seconds since the run's start, None
+    for what has not happened yet."""
+
+    due: float
+    t_start: float | None
+    t_first_token: float | None
+    t_end: float | None
+
+
+#: a stop rule: the live requests and the seconds since the start -> a reason to stop, or None
+StopRule = Callable[[list[LiveRequest], float], "str | None"]
+
+
+@dataclass
+class PointControl:
+    """Live control of one load point. Every ``check_every_s`` the client asks
+    ``stop_rule`` (and checks ``deadline_s``); on a reason it stops dispatching (requests
+    not yet sent get no record at all: they were never part of the load), gives the ones
+    in flight ``grace_s`` to finish, then aborts the rest (records with ``error`` starting
+    ``aborted:`` and ``extra["aborted"]``). The client fills the fields after ``grace_s``."""
+
+    stop_rule: StopRule | None = None
+    deadline_s: float | None = None
+    grace_s: float = 10.0
+    check_every_s: float = 0.25
+    stop_reason: str | None = None
+    stopped_at_s: float | None = None
+    not_sent: int = 0
+    aborted: int = 0
+
+
+_CONTROL: contextvars.ContextVar[PointControl | None] = contextvars.ContextVar(
+    "point_control", default=None)
+
+
+@contextlib.contextmanager
+def point_control(ctrl: PointControl) -> Iterator[PointControl]:
+    """Make ``ctrl`` govern every :func:`run_requests` inside the block. A context
+    variable rather than a parameter: it reaches the client through any backend's
+    ``serve()`` without every backend's signature carrying it."""
+    token = _CONTROL.set(ctrl)
+    try:
+        yield ctrl
+    finally:
+        _CONTROL.reset(token)
 
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
@@ -86,16 +146,19 @@ def run_requests(
 
     ``concurrency=None`` leaves the number in flight unbounded (the arrival schedule alone
     paces the load). ``timeout_s`` bounds each request from its send to its last byte.
+    Under a :func:`point_control` that stopped the run, requests never sent are left out.
     """
     if len(send_at) != len(requests):
         raise ValueError(f"{len(requests)} requests but {len(send_at)} send times")
+    # read here, in the caller's context: run_sync may move the loop to another thread
+    ctrl = _CONTROL.get()
     return run_sync(_run_all(list(requests), list(send_at), concurrency, timeout_s,
-                             dict(headers or {})))
+                             dict(headers or {}), ctrl))
 
 
 async def _run_all(
     requests: list[StreamRequest], send_at: list[float], concurrency: int | None,
-    timeout_s: float, headers: dict[str, str],
+    timeout_s: float, headers: dict[str, str], ctrl: PointControl | None = None,
 ) -> list[RequestRecord]:
     import aiohttp
 
@@ -105,38 +168,107 @@ async def _run_all(
     connector = aiohttp.TCPConnector(limit=0, force_close=False, keepalive_timeout=60)
     async with aiohttp.ClientSession(connector=connector, trust_env=False) as session:
         t0 = clock()
+        streams = [_Stream(due=t0 + at) for at in send_at]
         tasks = [
-            asyncio.create_task(_scheduled(session, r, t0 + at, sem, timeout_s, headers))
-            for r, at in zip(requests, send_at, strict=True)
+            asyncio.create_task(_scheduled(session, r, st, sem, timeout_s, headers))
+            for r, st in zip(requests, streams, strict=True)
         ]
-        return list(await asyncio.gather(*tasks))
+        monitor = (asyncio.create_task(_monitor(ctrl, tasks, streams, t0))
+                   if ctrl is not None else None)
+        # return_exceptions: a task cancelled before it first ran raises CancelledError
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        if monitor is not None:
+            monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await monitor
+        out: list[RequestRecord] = []
+        for d in done:
+            if isinstance(d, RequestRecord):
+                out.append(d)
+            elif isinstance(d, BaseException) and not isinstance(d, asyncio.CancelledError):
+                raise d
+        if ctrl is not None:
+            ctrl.not_sent = len(requests) - len(out)
+            ctrl.aborted = sum(bool(r.extra.get("aborted")) for r in out)
+        return out
+
+
+def _live(streams: list[_Stream], t0: float) -> list[LiveRequest]:
+    def rel(t: float | None) -> float | None:
+        return None if t is None else t - t0
+
+    return [LiveRequest(s.due - t0, rel(s.t_start), rel(s.times[0] if s.times else None),
+                        rel(s.t_end)) for s in streams]
+
+
+async def _monitor(ctrl: PointControl, tasks: list[asyncio.Task], streams: list[_Stream],
+                   t0: float) -> None:
+    """Check the point's stop rule while it runs; on a reason, stop it (see PointControl)."""
+    while True:
+        await asyncio.sleep(ctrl.check_every_s)
+        if all(t.done() for t in tasks):
+            return
+        elapsed = clock() - t0
+        reason = None
+        if ctrl.deadline_s is not None and elapsed >= ctrl.deadline_s:
+            reason = f"duration: point_duration_s={ctrl.deadline_s:g} reached"
+        elif ctrl.stop_rule is not None:
+            reason = ctrl.stop_rule(_live(streams, t0), elapsed)
+        if reason is None:
+            continue
+        ctrl.stop_reason, ctrl.stopped_at_s = reason, elapsed
+        for t, st in zip(tasks, streams, strict=True):
+            if st.t_start is None:
+                t.cancel()  # not sent yet: it never becomes part of the load
+        pending = [t for t in tasks if not t.done()]
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=ctrl.grace_s)
+            for t in still:
+                t.cancel()
+        return
 
 
 async def _scheduled(
-    session: Any, req: StreamRequest, due: float, sem: asyncio.Semaphore | None,
+    session: Any, req: StreamRequest, st: _Stream, sem: asyncio.Semaphore | None,
     timeout_s: float, headers: dict[str, str],
-) -> RequestRecord:
-    delay = due - clock()
-    if delay > 0:
-        await asyncio.sleep(delay)
-    t_ready = clock()
-    if sem is None:
-        rec = await _send(session, req, timeout_s, headers)
-    else:
-        async with sem:
-            rec = await _send(session, req, timeout_s, headers)
+) -> RequestRecord | None:
+    t_ready: float | None = None
+    try:
+        delay = st.due - clock()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        t_ready = clock()
+        if sem is None:
+            rec = await _send(session, req, timeout_s, headers, st)
+        else:
+            async with sem:
+                rec = await _send(session, req, timeout_s, headers, st)
+    except asyncio.CancelledError:
+        if st.t_start is None:
+            return None  # stopped before it was sent
+        rec = _record(req, st, st.t_start, clock(),
+                      "aborted: the load point ended early and this request was still "
+                      "in flight after the grace period")
+        rec.extra["aborted"] = True
+    assert t_ready is not None  # a request that was sent woke up first
     # Time spent waiting for a concurrency slot: client-side queueing, not server latency.
     rec.extra["client_queue_s"] = rec.t_start - t_ready
+    # MLPerf's reference point, and how late the loop was for it (asyncio timer slack,
+    # a busy client): the two timing conventions differ by lag + queueing.
+    rec.extra["t_scheduled"] = st.due
+    rec.extra["dispatch_lag_s"] = max(0.0, t_ready - st.due)
     return rec
 
 
 async def _send(
-    session: Any, req: StreamRequest, timeout_s: float, headers: dict[str, str]
+    session: Any, req: StreamRequest, timeout_s: float, headers: dict[str, str],
+    st: _Stream | None = None,
 ) -> RequestRecord:
     import aiohttp
 
-    st = _Stream()
+    st = st if st is not None else _Stream()
     t_start = clock()
+    st.t_start = t_start
     error: str | None = None
     try:
         # asyncio.timeout covers the whole exchange, including a server that accepts the
@@ -168,6 +300,7 @@ async def _send(
         error = "the stream carried no output token"
     if error is None and st.finish_reason is None and not st.done:
         error = "the stream ended without a finish_reason (server died mid-response?)"
+    st.t_end = t_now
     return _record(req, st, t_start, t_now, error)
 
 
@@ -231,7 +364,12 @@ def _record(
     ids: list[int] = []
     if st.ids_complete and st.ids and (n_out is None or n_out == len(st.ids)):
         ids = list(st.ids)
-    extra: dict[str, Any] = {"chunks": len(st.times)}
+    # the client's own count, to hold the server's usage against (validity of a point):
+    # exact from token ids, else one per output chunk
+    client_tokens = len(st.ids) if (st.ids_complete and st.ids) else len(st.times)
+    extra: dict[str, Any] = {"chunks": len(st.times), "client_tokens": client_tokens,
+                             "client_tokens_source": "token_ids" if st.ids_complete and st.ids
+                             else "chunks"}
     if n_out is None:
         # No usage from this server: the ids if it sent them, else one token per chunk
         # (exact for servers that stream token by token); flagged so it can be told apart.

@@ -149,6 +149,8 @@ NEW_USER_CASES = [
     (["decoding.temperature=0.3"], "decoding.temperature=0.3 is invalid: only applies when "
      "sampling"),
     (["backend.use_cache=maybe"], "backend.use_cache is invalid"),
+    (["scoring.reference_metrics=[nosuch]"], "scoring.reference_metrics entry 'nosuch' is "
+     "invalid: not a shipped metric"),
     (["backend.impl=nosuch.module:X"], "backend.impl='nosuch.module:X' is invalid: cannot "
      "import it"),
 ]

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.backends import hf_quantization as hq
+from pipeline.backends import hf_speculative as hs
 from pipeline.backends.base import Backend, BackendConfig
 from pipeline.config import DTYPES, DecodingConfig, ModelConfig, check_choice, check_range
 from pipeline.devices import resolve_device, torch_dtype
@@ -46,6 +48,15 @@ class HFBackendConfig(BackendConfig):
     compile_cache_dir: str | None = None
     dtype: str | None = None
     num_threads: int | None = None
+    #: speculative decoding by prompt lookup: K candidate tokens copied from the prompt's
+    #: n-grams per step (0 / null = off); batch 1 only (hf_speculative.py)
+    prompt_lookup_num_tokens: int | None = None
+    #: speculative decoding by a draft model (assisted generation): a local folder sharing
+    #: the target's tokenizer (null = off)
+    draft_model: str | None = None
+    #: weight quantization: null | int8_dynamic | int4_weight_only | bnb_int8 | bnb_4bit
+    #: (hf_quantization.py says which run where)
+    quantization: str | None = None
 
 
 def hf_generate_kwargs(d: DecodingConfig, max_new_tokens: int, fixed_length: bool) -> dict:
@@ -92,7 +103,8 @@ def check_attention(attn: str, device: str) -> None:
         )
 
 
-# (model_dir, dtype, attention, weights, device, compile settings) -> (model, tokenizer)
+# (model_dir, dtype, attention, weights, device, compile settings, quantization)
+#   -> (model, tokenizer, parameter count of the unquantized architecture)
 # The loaded model of the last job, kept for the next job with the same load settings
 # (a sweep over decoding, batch or workload reloads nothing; compiled graphs live on the
 # model object, so a compiled model is reused with them). One only: an idle model of other
@@ -111,11 +123,15 @@ class _StepClock:
     def __init__(self, sync: Sync) -> None:
         self.sync = sync
         self.times: list[float] = []
+        #: (time, sequence length): an assisted step adds several tokens at once
+        self.steps: list[tuple[float, int]] = []
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         import torch
 
-        self.times.append(clock(self.sync))
+        t = clock(self.sync)
+        self.times.append(t)
+        self.steps.append((t, int(input_ids.shape[-1])))
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
@@ -136,6 +152,8 @@ class HFBackend(Backend):
         check_range("backend.pad_bucket", cfg.pad_bucket, 1)
         if cfg.dtype is not None:
             check_choice("backend.dtype", cfg.dtype, DTYPES)
+        hs.validate_speculative(cfg)
+        hq.validate_quantization(cfg)
 
     @classmethod
     def check(cls, spec: Config) -> None:
@@ -143,6 +161,8 @@ class HFBackend(Backend):
                            spec.workload.fixed_length)
         if spec.model.device != "auto":  # auto would need torch to answer
             check_attention(spec.backend.attn_implementation, spec.model.device)
+        hs.check_speculative(spec)
+        hq.check_quantization(spec)
 
     def __init__(
         self, model_dir: str, model: ModelConfig, cfg: HFBackendConfig, seed: int
@@ -160,6 +180,9 @@ class HFBackend(Backend):
         self.compiled_graphs = 0
         self.late_compiled_graphs = 0
         self._calls = 0
+        self.draft: Any = None
+        self.num_parameters = 0  # of the unquantized architecture
+        self._spec_calls: list[dict[str, float]] = []
 
     def load(self) -> None:
         import torch
@@ -167,6 +190,7 @@ class HFBackend(Backend):
 
         self.device = resolve_device(self.model_cfg.device)
         check_attention(self.cfg.attn_implementation, self.device)
+        hq.check_device(self.cfg.quantization, self.device)
         if self.cfg.num_threads:
             torch.set_num_threads(self.cfg.num_threads)
         attn = "sdpa" if self.cfg.attn_implementation == "sdpa_flash" else (
@@ -177,11 +201,13 @@ class HFBackend(Backend):
         m = self.model_cfg
         key = (self.model_dir, m.revision, trust, str(dtype), attn, m.weights,
                self.seed if m.weights == "random" else None, self.device, self.cfg.compile,
-               self.cfg.compile_mode, self.cfg.inductor_freezing, self.cfg.inductor_cpp_wrapper)
+               self.cfg.compile_mode, self.cfg.inductor_freezing, self.cfg.inductor_cpp_wrapper,
+               self.cfg.quantization)
         if key in _LOADED:
-            self.model, self.tokenizer = _LOADED[key]
+            self.model, self.tokenizer, self.num_parameters = _LOADED[key]
             self.model_reused = True
             self.compile_reused = self.cfg.compile
+            self._load_draft(dtype, attn)
             return
         self.shutdown_cached()  # free the other settings' model before loading this one
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=trust)
@@ -195,8 +221,14 @@ class HFBackend(Backend):
             self.model = AutoModelForCausalLM.from_pretrained(
                 self.model_dir, dtype=dtype, attn_implementation=attn, trust_remote_code=trust,
                 revision=self.model_cfg.revision,
+                **hq.from_pretrained_kwargs(self.cfg.quantization, dtype),
             )
-        self.model.to(self.device).eval()
+        if not self.cfg.quantization or not self.cfg.quantization.startswith("bnb"):
+            self.model.to(self.device)  # bitsandbytes places the model itself
+        self.model.eval()
+        # counted before quantization: packed int8 weights are no longer parameters()
+        self.num_parameters = sum(p.numel() for p in self.model.parameters())
+        self.model = hq.quantize_loaded(self.model, self.cfg.quantization)
         if self.cfg.compile:
             import torch._inductor.config as inductor
 
@@ -216,12 +248,22 @@ class HFBackend(Backend):
             inductor.max_autotune_report_choices_stats = False
             inductor.autotune_num_choices_displayed = 0
             self.model.forward = torch.compile(self.model.forward, mode=self.cfg.compile_mode)
-        _LOADED[key] = (self.model, self.tokenizer)
+        _LOADED[key] = (self.model, self.tokenizer, self.num_parameters)
+        self._load_draft(dtype, attn)
+
+    def _load_draft(self, dtype: Any, attn: str) -> None:
+        """The draft model for assisted generation (after the target: loading a new target
+        clears every cached model, drafts included)."""
+        if self.cfg.draft_model:
+            self.draft = hs.load_draft(self.cfg.draft_model, dtype, self.device, attn)
+        else:  # an idle draft would inflate this job's peak RSS
+            hs.clear_drafts()
 
     def close(self) -> None:
         """Release this job's hold; the model stays cached for the next job."""
         self.model = None
         self.tokenizer = None
+        self.draft = None
 
     @classmethod
     def cached_engines(cls) -> int:
@@ -234,6 +276,7 @@ class HFBackend(Backend):
             import gc
 
             _LOADED.clear()
+            hs.clear_drafts()
             gc.collect()
             if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
                 sys.modules["torch"].cuda.empty_cache()
@@ -248,12 +291,27 @@ class HFBackend(Backend):
 
     def scorer_model(self, dtype: Any) -> Any | None:
         """The loaded model, when it holds the real weights in ``dtype`` and is not
-        compiled (a compiled forward would recompile for the scorer's shapes)."""
+        compiled (a compiled forward would recompile for the scorer's shapes) and not
+        quantized (perplexity is scored with the real weights)."""
         m = self.model
         if (m is None or self.cfg.compile or self.model_cfg.weights != "pretrained"
+                or self.cfg.quantization
                 or next(m.parameters()).dtype != dtype):
             return None
         return m
+
+    def next_token_logprobs(self, prompt_ids: list[int], cont_ids: list[int]) -> Any:
+        """Log-softmax (float32, on the CPU) of the next-token distribution at each position
+        of ``cont_ids``, teacher-forced on prompt + continuation: one unpadded sequence, no
+        cache, through this job's model as loaded (dtype, attention, quantization, compiled
+        forward). The gate (``pipeline/gate.py``) compares two settings' answers."""
+        import torch
+
+        ids = torch.tensor([list(prompt_ids) + list(cont_ids)], device=self.device)
+        with torch.inference_mode(), self._sdpa_context():
+            logits = self.model(input_ids=ids, use_cache=False).logits
+        n = len(prompt_ids)
+        return torch.log_softmax(logits[0, n - 1 : n - 1 + len(cont_ids)].float(), -1).cpu()
 
     def _sdpa_context(self) -> Any:
         if self.cfg.attn_implementation != "sdpa_flash":
@@ -286,17 +344,24 @@ class HFBackend(Backend):
         kw = hf_generate_kwargs(decoding, max_new_tokens, fixed_length)
         if self.cfg.cache_implementation != "dynamic":
             kw["cache_implementation"] = self.cfg.cache_implementation
+        kw.update(hs.generate_kwargs(self.cfg, self.draft))
         step_clock = _StepClock(self.sync)
+        speculative = hs.speculation_on(self.cfg)
+        counter = hs.ForwardCounter().attach(self.model) if speculative else None
         torch.manual_seed(self.seed)
         graphs_before = _compiled_graph_count() if self.cfg.compile else 0
-        with torch.inference_mode(), self._sdpa_context():
-            t_start = clock(self.sync)
-            out = self.model.generate(
-                input_ids=input_ids, attention_mask=mask, pad_token_id=pad_id,
-                eos_token_id=sorted(eos_ids), use_cache=self.cfg.use_cache,
-                stopping_criteria=[step_clock], **kw,
-            )
-            t_end = clock(self.sync)
+        try:
+            with torch.inference_mode(), self._sdpa_context():
+                t_start = clock(self.sync)
+                out = self.model.generate(
+                    input_ids=input_ids, attention_mask=mask, pad_token_id=pad_id,
+                    eos_token_id=sorted(eos_ids), use_cache=self.cfg.use_cache,
+                    stopping_criteria=[step_clock], **kw,
+                )
+                t_end = clock(self.sync)
+        finally:
+            if counter is not None:
+                counter.detach()
         self._calls += 1
         if self.cfg.compile:
             # a call that compiled (a new model, or a new shape for a cached one) costs
@@ -315,7 +380,10 @@ class HFBackend(Backend):
         for i, r in enumerate(requests):
             ids = out[i, width:].tolist()
             ids = _cut_at_eos(ids, eos_ids, keep_all=fixed_length)
-            times = step_clock.times[: len(ids)]
+            if speculative:  # a step may add several tokens at once
+                times = hs.step_times(step_clock.steps, width, len(ids))
+            else:
+                times = step_clock.times[: len(ids)]
             records.append(RequestRecord(
                 index=r.index, prompt=r.prompt,
                 text=tok.decode(ids, skip_special_tokens=True),
@@ -323,13 +391,17 @@ class HFBackend(Backend):
                 t_start=t_start, t_first_token=times[0] if times else None, t_end=t_end,
                 token_times=times,
             ))
+        if counter is not None:  # warm-up calls included: acceptance is the proposer's
+            self._spec_calls.append(hs.step_stats(counter.widths, width, out.shape[1] - width))
         return records
 
     def extra_metrics(self) -> dict[str, float]:
-        if not self.cfg.compile:
-            return {}
-        return {"compile_s": self.compile_s or 0.0, "compiled_graphs": float(self.compiled_graphs),
-                "compiled_graphs_after_warmup": float(self.late_compiled_graphs)}
+        out = hs.summarize(self._spec_calls, self.cfg.prompt_lookup_num_tokens)
+        if self.cfg.compile:
+            out.update({"compile_s": self.compile_s or 0.0,
+                        "compiled_graphs": float(self.compiled_graphs),
+                        "compiled_graphs_after_warmup": float(self.late_compiled_graphs)})
+        return out
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -362,8 +434,15 @@ class HFBackend(Backend):
             "compile_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR")
             if self.cfg.compile else None,
             "torch_threads": torch.get_num_threads(),
-            "num_parameters": sum(p.numel() for p in m.parameters()),
+            "num_parameters": self.num_parameters or sum(p.numel() for p in m.parameters()),
             "weights": self.model_cfg.weights,
+            "speculative": ("prompt_lookup" if self.cfg.prompt_lookup_num_tokens
+                            else "draft_model" if self.draft is not None else None),
+            "prompt_lookup_num_tokens": self.cfg.prompt_lookup_num_tokens or None,
+            "draft_model": self.cfg.draft_model,
+            "draft_num_parameters": sum(p.numel() for p in self.draft.parameters())
+            if self.draft is not None else None,
+            **hq.applied_quantization(m, self.cfg.quantization, self.num_parameters),
         }
 
 

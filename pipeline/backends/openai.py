@@ -319,6 +319,11 @@ class OpenAIBackend(Backend):
                           send_at=[0.0] * len(requests), concurrency=None,
                           timeout_s=DEFAULT_TIMEOUT_S)
 
+    def metrics_url(self) -> str:
+        """The server's Prometheus endpoint (vLLM, SGLang and TGI serve ``/metrics`` at
+        the root); a load point reads the engine's own view there, if it answers."""
+        return f"{self.base_url.removesuffix('/v1')}/metrics"
+
     def _after_serve(self, records: list[RequestRecord]) -> None:
         failed = [r for r in records if not r.ok]
         if failed:

@@ -22,7 +22,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def roofline_tokens_per_s(
-    num_parameters: int, bytes_per_param: int, batch: int,
+    num_parameters: int, bytes_per_param: float, batch: int,
     bandwidth_bytes_per_s: float, flops_per_s: float,
 ) -> float:
     """min(bandwidth-bound, compute-bound) decode tokens/s for ``batch`` sequences."""
@@ -133,7 +133,12 @@ def roofline_metrics(applied: dict[str, Any], batch: int, tokens_per_s: float,
                      dtype: str | None = None) -> dict[str, float]:
     """``roofline_tokens_per_s`` and ``roofline_share`` for a job, from what was applied
     (parameter count, dtype, device), falling back to the model folder's safetensors
-    headers and the configured dtype; empty when neither says."""
+    headers and the configured dtype; empty when neither says.
+
+    The bytes per parameter are the applied ``bytes_per_parameter`` when the backend read
+    them back from the loaded model (quantized weights: packed int8 plus what stays in
+    float), else the dtype's width. The rates are measured in the compute dtype (a
+    quantized model still computes in its float dtype)."""
     params = applied.get("num_parameters")
     if not params and model_dir and Path(model_dir).is_dir():
         params = safetensors_parameters(model_dir)
@@ -142,11 +147,14 @@ def roofline_metrics(applied: dict[str, Any], batch: int, tokens_per_s: float,
     if not params or dtype not in DTYPE_BYTES:
         return {}
     rates = cached_rates(cache_dir, device, dtype)
-    roof = roofline_tokens_per_s(int(params), DTYPE_BYTES[dtype], batch,
+    applied_bytes = applied.get("bytes_per_parameter")
+    bpp = float(applied_bytes) if applied_bytes else float(DTYPE_BYTES[dtype])
+    roof = roofline_tokens_per_s(int(params), bpp, batch,
                                  rates["bandwidth_bytes_per_s"], rates["matmul_flops_per_s"])
     return {
         "roofline_tokens_per_s": roof,
         "roofline_share": tokens_per_s / roof,
+        "roofline_bytes_per_parameter": bpp,
         "machine_bandwidth_gb_per_s": rates["bandwidth_bytes_per_s"] / 1e9,
         "machine_matmul_gflops": rates["matmul_flops_per_s"] / 1e9,
     }

@@ -25,10 +25,14 @@ __all__ = [
     "latency_metrics",
     "mean_ci95",
     "peak_concurrency",
+    "schedule_metrics",
+    "slo_percentiles",
     "summarize",
     "throughput_metrics",
     "tpot",
     "ttft",
+    "ttft_sched",
+    "weighted_means",
 ]
 
 #: SLO keys accepted by :func:`goodput`, all thresholds in milliseconds
@@ -259,3 +263,101 @@ def peak_concurrency(records: Sequence[RequestRecord]) -> int:
         current += delta
         peak = max(peak, current)
     return peak
+
+
+# ------------------------------------------------------------ load points (profiles)
+#
+# Two timing conventions for open-loop load (docs/serving.md, "Timing"):
+# - vLLM's (the plain names, ttft/e2el above): from the actual send, ``t_start``;
+# - MLPerf's (``*_sched``): from the scheduled send, ``extra["t_scheduled"]``, so that a
+#   client that falls behind its schedule cannot hide the delay from the latency.
+# They differ by the dispatch lag plus any client-side queueing for a concurrency slot.
+
+
+def ttft_sched(r: RequestRecord) -> float | None:
+    """Time to first token from the scheduled send (seconds); None without either."""
+    due = r.extra.get("t_scheduled")
+    if due is None or r.t_first_token is None:
+        return None
+    return r.t_first_token - float(due)
+
+
+def e2el_sched(r: RequestRecord) -> float | None:
+    """End-to-end latency from the scheduled send (seconds); None without a schedule."""
+    due = r.extra.get("t_scheduled")
+    return None if due is None else r.t_end - float(due)
+
+
+def schedule_metrics(records: Sequence[RequestRecord]) -> dict[str, float]:
+    """``ttft_sched_ms_*`` and ``e2el_sched_ms_*`` over successful records, and
+    ``dispatch_lag_ms_{p50,p99,max}`` over every record that was sent (a failed request
+    was dispatched late or not regardless of how it ended)."""
+    ok = [r for r in records if r.ok]
+    out: dict[str, float] = {}
+    out.update(_prefixed_ms("ttft_sched", [v for v in map(ttft_sched, ok) if v is not None]))
+    out.update(_prefixed_ms("e2el_sched", [v for v in map(e2el_sched, ok) if v is not None]))
+    lags = [float(r.extra["dispatch_lag_s"]) * 1000.0 for r in records
+            if r.extra.get("dispatch_lag_s") is not None]
+    if lags:
+        out["dispatch_lag_ms_p50"] = float(np.percentile(lags, 50))
+        out["dispatch_lag_ms_p99"] = float(np.percentile(lags, 99))
+        out["dispatch_lag_ms_max"] = float(max(lags))
+    return out
+
+
+def weighted_means(records: Sequence[RequestRecord]) -> dict[str, float]:
+    """The two weightings of the decode rate, named so they cannot be confused.
+
+    ``tpot_ms_mean`` (:func:`latency_metrics`) and ``itl_ms_request_weighted_mean`` weigh
+    every *request* the same (a short request counts as much as a long one);
+    ``tpot_ms_token_weighted_mean`` = Σ(E2EL − TTFT) / Σ(N_out − 1) and ``itl_ms_mean``
+    (pooled gaps) weigh every *token* (or chunk) the same. Under load the two drift apart
+    when long and short requests see different batches.
+    """
+    ok = [r for r in records if r.ok]
+    num = den = 0.0
+    for r in ok:
+        first = ttft(r)
+        if first is not None and r.output_tokens > 1:
+            num += e2el(r) - first
+            den += r.output_tokens - 1
+    per_req = [float(np.mean(g)) for g in (itl(r) for r in ok) if g]
+    out: dict[str, float] = {}
+    if den:
+        out["tpot_ms_token_weighted_mean"] = num / den * 1000.0
+    if per_req:
+        out["itl_ms_request_weighted_mean"] = float(np.mean(per_req)) * 1000.0
+    return out
+
+
+def slo_percentiles(records: Sequence[RequestRecord], slo: Mapping[str, float],
+                    percentile: float) -> dict[str, float]:
+    """Each SLO'd latency at ``percentile`` over *all* records, and ``slo_met`` (1.0/0.0).
+
+    A failed (or aborted) request counts as infinitely late, so errors can never help a
+    point pass; a request with no TPOT (N_out <= 1) counts as 0 for the TPOT SLO. Values
+    are from the actual send (vLLM's convention), as the SLOs of :func:`goodput` are.
+    """
+    unknown = [k for k in slo if k not in GOODPUT_SLO_KEYS]
+    if unknown:
+        raise ValueError(f"unknown SLO key {unknown[0]!r}; allowed: {', '.join(GOODPUT_SLO_KEYS)}")
+    out: dict[str, float] = {}
+    met = bool(records)
+    for key, limit_ms in slo.items():
+        vals: list[float] = []
+        for r in records:
+            if not r.ok:
+                vals.append(math.inf)
+                continue
+            v = ttft(r) if key == "ttft_ms" else tpot(r) if key == "tpot_ms" else e2el(r)
+            if v is None:
+                v = 0.0 if key == "tpot_ms" else math.inf
+            vals.append(v * 1000.0)
+        # inverted_cdf: the smallest value with at least `percentile`% of requests at or
+        # below it, i.e. exactly "P% of requests meet the SLO"; no interpolation with inf
+        value = (float(np.percentile(vals, percentile, method="inverted_cdf")) if vals
+                 else math.inf)
+        out[f"slo_{key}_p{percentile:g}"] = value
+        met = met and value <= limit_ms
+    out["slo_met"] = float(met)
+    return out

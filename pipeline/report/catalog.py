@@ -38,6 +38,22 @@ METRICS = (
     MetricSpec("self_bleu", "self-BLEU", "", ".3f", False),
     MetricSpec("distinct_2", "distinct-2", "", ".3f", True),
     MetricSpec("rep_2", "rep-2", "", ".3f", False),
+    # against each request's reference (scoring.reference_metrics, docs/quality.md)
+    MetricSpec("ref_exact_match", "exact match", "", ".3f", True),
+    MetricSpec("ref_f1", "token F1", "", ".3f", True),
+    MetricSpec("ref_bleu", "BLEU", "", ".1f", True),
+    MetricSpec("ref_chrf", "chrF", "", ".1f", True),
+    MetricSpec("ref_rougeL", "ROUGE-L", "", ".3f", True),
+    MetricSpec("ref_pass_at_1", "pass@1", "", ".3f", True),
+    # speculative decoding (docs/speculative-quantization.md)
+    MetricSpec("spec_tokens_per_target_step", "tokens/target step", "", ".2f", True),
+    MetricSpec("spec_acceptance_rate", "spec acceptance", "", ".2f", True),
+    MetricSpec("spec_mean_accepted_tokens", "accepted/step", "", ".2f", True),
+    # the gate: an optimized job against its baseline (pipeline/metrics/gate.py)
+    MetricSpec("gate.exact_match_rate", "gate exact match", "", ".2f", True),
+    MetricSpec("gate.mean_kl", "gate mean KL", "nats", ".2e", False),
+    MetricSpec("gate.ppl_delta", "gate PPL delta", "", "+.3f", False),
+    MetricSpec("gate.speedup", "gate tok/s x", "x", ".2f", True),
 )
 SPECS = {m.key: m for m in METRICS}
 

@@ -15,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogLocator, NullFormatter, NullLocator, ScalarFormatter
 
-from pipeline.report import lengths
+from pipeline.report import lengths, serving
 from pipeline.report.catalog import missing
 from pipeline.report.collect import SweepData
 from pipeline.report.tables import (
@@ -254,4 +254,5 @@ def plot_images(data: SweepData, tables: Mapping[str, Table]) -> dict[str, bytes
             tl, lat_axes or [("e2el_ms_mean", "mean E2EL (ms)")]),
         "latency_distributions": latency_distributions(series),
         **(scaling_plots(tables["scaling"].frame) if "scaling" in tables else {}),
+        **serving.images(data),  # load-profile curves, when a job ran one
     }

@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 
+from pipeline.report import gate, serving
 from pipeline.report.catalog import SPECS, format_metric
 from pipeline.report.collect import SweepData
 from pipeline.report.expectations import BY_NAME
@@ -185,6 +186,8 @@ def build_sections(data: SweepData, tables: Mapping[str, Table]) -> list[Section
                                           Block("table", d["pareto"])]),
         Section("Per-request latency", [_image("latency_distributions"),
                                         Block("table", d["latency"])]),
+        *[Section(t, [Block(*b) for b in bs]) for t, bs in serving.sections(data)],
+        *[Section(t, [Block(*b) for b in bs]) for t, bs in gate.sections(data)],
         Section("Decoding trade-offs", [
             Block("text", "Per job: quality (perplexity under the scorer, lower = more "
                           "likely), diversity (self-BLEU, lower = more diverse; distinct-2, "

@@ -185,13 +185,14 @@ def client_for(cfg: Any) -> tuple[Any, str]:
 
 def log_metrics(client: Any, run_id: str, metrics: Mapping[str, Any] | None = None,
                 params: Mapping[str, Any] | None = None,
-                tags: Mapping[str, Any] | None = None) -> None:
+                tags: Mapping[str, Any] | None = None, step: int = 0) -> None:
     """Log metrics (finite numbers only; others are skipped), params and tags to a run, in
-    chunks under MLflow's per-request limits (1000 metrics, 100 params or tags)."""
+    chunks under MLflow's per-request limits (1000 metrics, 100 params or tags). ``step``
+    places the metrics on a curve (a load profile logs point k at step k)."""
     from mlflow.entities import Metric, Param, RunTag
 
     ts = int(time.time() * 1000)
-    m = [Metric(k, float(v), ts, 0) for k, v in (metrics or {}).items()
+    m = [Metric(k, float(v), ts, step) for k, v in (metrics or {}).items()
          if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)]
     p = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
     t = [RunTag(k, str(v)[:5000]) for k, v in (tags or {}).items()]
@@ -274,6 +275,11 @@ def log_job(cfg: Any, result: JobResult | Mapping[str, Any], job_dir: Path,
     end = result.ended_at
     try:
         log_metrics(client, run_id, metrics=result.metrics, params=params)
+        if result.load_points:  # one job, one curve: point k at step k
+            from pipeline.serving.points import curve_metrics
+
+            for point in result.load_points:
+                log_metrics(client, run_id, metrics=curve_metrics(point), step=point["index"])
         for f in ("results.json", "config.yaml", "error.txt", "server.log"):
             if (job_dir / f).is_file():
                 client.log_artifact(run_id, str(job_dir / f))

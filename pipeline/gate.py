@@ -1,0 +1,353 @@
+"""Sweep-end gate: for each optimized job of a sweep, "fast but wrong?" against its baseline.
+
+Pairs: a job's baseline is named by ``scoring.reference_run`` (a job number of this sweep or
+an MLflow run id whose ``results.json`` artifact is read), or found in the sweep: among the
+FINISHED jobs whose resolved configs are equal once the optimization keys
+(:data:`OPTIMIZATION_KEYS`) are left out, the one with the fewest optimizations switched on
+is the baseline of the others. The figures (``pipeline/metrics/gate.py``) go to
+``<sweep>/gate.json``, to each optimized job's MLflow run (``gate.*`` metrics, a
+``gate_verdict`` tag) and to the sweep's parent run (``gate.job<N>.*``), and from there to
+the report's "Fast but wrong?" table.
+
+Teacher-forced KL needs a backend that can score a token sequence
+(``next_token_logprobs``, duck-typed: today the transformers backend); the two settings are
+loaded one after the other in this process, after the sweep's jobs, for at most
+``scoring.gate_max_requests`` requests each (the cost stays small).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pipeline.metrics import gate as g
+from pipeline.parity import token_parity
+from pipeline.records import JobResult
+from pipeline.tracking.mlflow import RUN_ID_FILE, client_for, log_metrics, read_parent_id
+
+log = logging.getLogger(__name__)
+
+GATE_FILE = "gate.json"
+
+#: backend keys that change speed, not (by intent) the model's answers; the value each
+#: takes when the optimization is off. Anything else differing makes two jobs incomparable.
+OPTIMIZATION_KEYS: dict[str, tuple[Any, ...]] = {
+    # speculative decoding
+    "prompt_lookup_num_tokens": (None, 0),
+    "draft_model": (None,),
+    "speculative_method": (None,),
+    "num_speculative_tokens": (None, 0),
+    "prompt_lookup_max": (None,),
+    "prompt_lookup_min": (None,),
+    "speculative_model": (None,),
+    # weights
+    "quantization": (None,),
+    "dtype": (None, "float32"),
+    # the compiled fast path
+    "compile": (False,),
+    "compile_mode": ("default",),
+    "inductor_freezing": (False,),
+    "inductor_cpp_wrapper": (False,),
+    "cache_implementation": ("dynamic",),
+    "pad_bucket": (32,),
+    "compile_cache_dir": (),  # never an optimization by itself; ignored in comparisons
+    # attention kernels
+    "attn_implementation": ("sdpa", "eager"),
+}
+
+#: keys that change how tokens are proposed, not how the model computes: teacher-forced
+#: KL between two jobs differing only in these is 0 by construction
+SPECULATIVE_KEYS = ("prompt_lookup_num_tokens", "draft_model", "speculative_method",
+                    "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
+                    "speculative_model")
+
+
+def _backend(config: dict[str, Any]) -> dict[str, Any]:
+    return dict(config.get("backend") or {})
+
+
+def _speculation_off(b: dict[str, Any]) -> bool:
+    return not b.get("speculative_method") or not b.get("num_speculative_tokens")
+
+
+def optimizations_on(config: dict[str, Any]) -> dict[str, Any]:
+    """The optimization keys of a job's backend that are not at their 'off' value."""
+    b = _backend(config)
+    on = {}
+    for k, off in OPTIMIZATION_KEYS.items():
+        if k not in b or not off or b[k] in off:
+            continue
+        if k in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
+                 "speculative_method") and _speculation_off(b):
+            continue  # K without a method (or a method with K = 0) speculates nothing
+        if k in ("compile_mode", "inductor_freezing", "inductor_cpp_wrapper",
+                 "pad_bucket") and not b.get("compile"):
+            continue  # only read under compile
+        on[k] = b[k]
+    return on
+
+
+def comparable_key(config: dict[str, Any]) -> str:
+    """The resolved config without optimization keys (and the bookkeeping that never
+    changes results): jobs with equal keys compute the same task."""
+    c = {k: v for k, v in config.items() if k not in ("paths", "tracking", "print_table",
+                                                     "dry_run", "resume")}
+    c["backend"] = {k: v for k, v in _backend(config).items()
+                    if k not in OPTIMIZATION_KEYS and k != "name"}
+    c.pop("scoring", None)
+    return json.dumps(c, sort_keys=True, default=str)
+
+
+def _read_jobs(sweep_dir: Path) -> list[tuple[Path, JobResult]]:
+    jobs = []
+    for f in sorted(sweep_dir.glob("*/results.json")):
+        try:
+            r = JobResult.from_dict(json.loads(f.read_text()))
+        except (OSError, json.JSONDecodeError, TypeError) as e:
+            log.warning("gate: skipping unreadable %s (%s)", f, e)
+            continue
+        if r.finished and r.config:
+            jobs.append((f.parent, r))
+    return jobs
+
+
+def find_pairs(jobs: list[tuple[Path, JobResult]], reference_run: str | None = None,
+               reference: tuple[Path | None, JobResult] | None = None
+               ) -> list[tuple[tuple[Path | None, JobResult], tuple[Path, JobResult]]]:
+    """(baseline, optimized) pairs. With a ``reference`` (a job loaded from
+    ``scoring.reference_run``), every job comparable to it is paired with it; else, per
+    group of comparable jobs, the least-optimized job (lowest job number on a tie) is the
+    baseline of every other job of the group that switches an optimization on."""
+    if reference_run is not None and reference is None:
+        by_num = {str(r.job_num): (d, r) for d, r in jobs}
+        if str(reference_run) in by_num:
+            reference = by_num[str(reference_run)]
+    if reference is not None:
+        key = comparable_key(reference[1].config)
+        return [(reference, j) for j in jobs
+                if j[1] is not reference[1] and comparable_key(j[1].config) == key
+                and optimizations_on(j[1].config) != optimizations_on(reference[1].config)]
+    groups: dict[str, list[tuple[Path, JobResult]]] = {}
+    for j in jobs:
+        groups.setdefault(comparable_key(j[1].config), []).append(j)
+    pairs = []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        base = min(members, key=lambda j: (len(optimizations_on(j[1].config)),
+                                           j[1].job_num if j[1].job_num is not None else 1e9))
+        for j in members:
+            if j is not base and optimizations_on(j[1].config) != optimizations_on(
+                    base[1].config):
+                pairs.append((base, j))
+    return pairs
+
+
+def kl_informative(base: dict[str, Any], opt: dict[str, Any]) -> bool:
+    """False when the two jobs' backends differ only in speculative keys."""
+    b, o = _backend(base), _backend(opt)
+    differ = {k for k in set(b) | set(o) if b.get(k) != o.get(k)}
+    return bool(differ - set(SPECULATIVE_KEYS))
+
+
+def _scoring_backend(config: dict[str, Any], cache_dir: Path) -> tuple[Any, Any, Any]:
+    """(backend loaded with a job's settings, its spec, its requests) or (None, spec, None)
+    when the backend cannot score a token sequence."""
+    from omegaconf import OmegaConf
+
+    from pipeline.backends import backend_class, make_backend
+    from pipeline.config import validate
+    from pipeline.experiment import backend_tokenizer
+    from pipeline.models import resolve_model
+    from pipeline.workload import load_prompts, make_requests
+
+    spec = validate(OmegaConf.create(config))
+    if not hasattr(backend_class(spec.backend.impl), "next_token_logprobs"):
+        return None, spec, None
+    model_dir = resolve_model(spec.model, cache_dir)
+    backend = make_backend(spec, model_dir)
+    backend.load()
+    requests = make_requests(load_prompts(spec.workload),
+                             backend_tokenizer(backend, spec, model_dir),
+                             spec.model.use_chat_template, spec.workload, spec.seed)
+    return backend, spec, requests
+
+
+def teacher_forced(base: JobResult, opt: JobResult, cache_dir: Path, max_requests: int
+                   ) -> tuple[list[float], list[float], list[float]] | None:
+    """Per-position KL(baseline || optimized) and the NLL of each baseline token under both
+    settings, teacher-forced on the baseline's first ``max_requests`` successful
+    generations; None when a backend cannot score sequences."""
+    import torch
+
+    records = [r for r in base.requests if not r.get("error") and r.get("output_token_ids")]
+    records = sorted(records, key=lambda r: r["index"])[:max_requests]
+    if not records:
+        return None
+    base_lp: list[Any] = []
+    backend, _, requests = _scoring_backend(base.config, cache_dir)
+    if backend is None:
+        return None
+    by_index = {q.index: q for q in requests}
+    seqs = [(list(by_index[r["index"]].prompt_token_ids), list(r["output_token_ids"]))
+            for r in records if r["index"] in by_index]
+    try:
+        base_lp = [backend.next_token_logprobs(p, c) for p, c in seqs]
+    finally:
+        backend.close()
+    backend, _, _ = _scoring_backend(opt.config, cache_dir)
+    if backend is None:
+        return None
+    kls: list[float] = []
+    nll_b: list[float] = []
+    nll_o: list[float] = []
+    try:
+        for (p, c), lp_b in zip(seqs, base_lp, strict=True):
+            lp_o = backend.next_token_logprobs(p, c)
+            kls.extend(torch.sum(lp_b.exp() * (lp_b - lp_o), -1).clamp_min(0).tolist())
+            idx = torch.tensor(c).unsqueeze(-1)
+            nll_b.extend((-lp_b.gather(-1, idx)).squeeze(-1).tolist())
+            nll_o.extend((-lp_o.gather(-1, idx)).squeeze(-1).tolist())
+    finally:
+        backend.close()
+    return kls, nll_b, nll_o
+
+
+def _label(r: JobResult) -> str:
+    return " ".join(r.overrides or []) or "(defaults)"
+
+
+def _load_reference(config: Any, ref: str) -> tuple[None, JobResult] | None:
+    """A baseline from an MLflow run id: its ``results.json`` artifact."""
+    try:
+        client, _ = client_for(config)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = client.download_artifacts(ref, "results.json", tmp)
+            return None, JobResult.from_dict(json.loads(Path(path).read_text()))
+    except Exception as e:
+        log.warning("gate: scoring.reference_run=%r is neither a job of this sweep nor a "
+                    "readable MLflow run (%s)", ref, e)
+        return None
+
+
+def sweep_gate(config: Any, sweep_dir: Path) -> dict[str, Any] | None:
+    """The gate for every (baseline, optimized) pair of the sweep; writes gate.json and
+    returns it, or None when the sweep has no such pair."""
+    sweep_dir = Path(sweep_dir)
+    jobs = _read_jobs(sweep_dir)
+    scoring = config.get("scoring", {}) if hasattr(config, "get") else {}
+    ref = scoring.get("reference_run")
+    ref = None if ref in (None, "") else str(ref)
+    max_requests = int(scoring.get("gate_max_requests", 4) or 0)
+    reference = None
+    if ref is not None and ref not in {str(r.job_num) for _, r in jobs}:
+        reference = _load_reference(config, ref)
+    pairs = find_pairs(jobs, ref, reference)
+    if not pairs:
+        return None
+    cache_dir = Path(str(config.paths.cache_dir)).resolve()
+    out_pairs = []
+    for (bdir, b), (odir, o) in pairs:
+        informative = kl_informative(b.config, o.config)
+        tf = None
+        if informative and max_requests > 0:
+            try:
+                tf = teacher_forced(b, o, cache_dir, max_requests)
+            except Exception as e:  # a report: never fail the finished sweep
+                log.warning("gate: teacher-forced scoring failed for job %s: %s", o.job_num, e)
+        kls, nb, no = tf if tf else (None, None, None)
+        parity = token_parity(b.requests, o.requests)
+        row = g.summarize(parity, kls, nb, no, b.metrics, o.metrics, informative)
+        row.update(
+            baseline={"job": b.job_num, "dir": bdir.name if bdir else None,
+                      "run_id": b.mlflow_run_id, "label": _label(b)},
+            optimized={"job": o.job_num, "dir": odir.name,
+                       "label": " ".join(x for x in o.overrides or []
+                                         if x not in (b.overrides or [])) or _label(o)},
+            optimizations=optimizations_on(o.config),
+            speedup=_speedup(b.metrics, o.metrics),
+        )
+        out_pairs.append(row)
+    result = {"sweep_dir": str(sweep_dir), "pairs": out_pairs, "thresholds": g.THRESHOLDS}
+    (sweep_dir / GATE_FILE).write_text(json.dumps(result, indent=1, default=str))
+    return result
+
+
+def _speedup(base: dict[str, float], opt: dict[str, float]) -> float | None:
+    k = "output_tokens_per_s"
+    if base.get(k) and opt.get(k):
+        return opt[k] / base[k]
+    return None
+
+
+def gate_lines(gate: dict[str, Any]) -> list[str]:
+    """One terminal line per pair."""
+    lines = []
+    for p in gate["pairs"]:
+        kl = f", mean KL {p['mean_kl']:.2e}" if p["mean_kl"] is not None else ""
+        sp = f", {p['speedup']:.2f}x tok/s" if p.get("speedup") else ""
+        em = p["exact_match_rate"]
+        lines.append(
+            f"gate job {p['optimized']['job']} ({p['optimized']['label']}) vs baseline job "
+            f"{p['baseline']['job']}: {p['verdict'].upper()} — "
+            f"exact match {em:.0%}{kl}{sp}; {p['reason']}" if em is not None else
+            f"gate job {p['optimized']['job']}: {p['verdict']} ({p['reason']})")
+    return lines
+
+
+_METRIC_FIELDS = ("exact_match_rate", "first_divergence_min", "mean_kl", "max_kl", "ppl_delta",
+                  "speedup")
+
+
+def gate_metrics(p: dict[str, Any]) -> dict[str, float]:
+    """The numeric gate figures of one pair, as ``gate.*`` metrics."""
+    out = {f"gate.{k}": float(p[k]) for k in _METRIC_FIELDS if p.get(k) is not None}
+    out.update({f"gate.{k}": float(v) for k, v in p["task_metric_deltas"].items()})
+    out["gate.verdict_code"] = float(g.VERDICTS.index(p["verdict"]))
+    return out
+
+
+def report_sweep_gate(config: Any, sweep_dir: Path) -> dict[str, Any] | None:
+    """Sweep-end hook: run the gate, print a line per pair, log the figures to each
+    optimized job's MLflow run and a summary to the parent. Never raises."""
+    try:
+        gate = sweep_gate(config, sweep_dir)
+    except Exception as e:
+        log.warning("gate: could not compare the sweep's optimized jobs: %s", e)
+        return None
+    if gate is None:
+        return None
+    print("\n".join(gate_lines(gate)))
+    if not config.tracking.enabled:
+        return gate
+    try:
+        client, _ = client_for(config)
+        parent = read_parent_id(Path(sweep_dir))
+        summary: dict[str, float] = {}
+        tags: dict[str, str] = {}
+        for p in gate["pairs"]:
+            job = p["optimized"]["job"]
+            metrics = gate_metrics(p)
+            run_file = Path(sweep_dir) / p["optimized"]["dir"] / RUN_ID_FILE
+            if run_file.is_file():
+                log_metrics(client, run_file.read_text().strip(), metrics=metrics, tags={
+                    "gate_verdict": p["verdict"], "gate_reason": p["reason"][:500],
+                    "gate_baseline_job": str(p["baseline"]["job"]),
+                    "gate_optimizations": ", ".join(
+                        f"{k}={v}" for k, v in p["optimizations"].items())[:500]})
+            summary.update({f"gate.job{job}.{k.removeprefix('gate.')}": v
+                            for k, v in metrics.items()})
+            tags[f"gate.job{job}.verdict"] = p["verdict"]
+        if parent:
+            log_metrics(client, parent, metrics=summary, tags=tags)
+            client.log_artifact(parent, str(Path(sweep_dir) / GATE_FILE))
+    except Exception as e:
+        log.warning("gate: could not log to MLflow: %s", e)
+    return gate
+
+
+__all__ = ["report_sweep_gate", "sweep_gate", "find_pairs",
+           "optimizations_on", "comparable_key", "kl_informative"]

@@ -1,0 +1,59 @@
+"""The report's "Fast but wrong?" table: each optimized job next to its baseline, with the
+speed it gained and the gate's verdict (``pipeline/gate.py``; thresholds and rules in
+``pipeline/metrics/gate.py``), read from the jobs' MLflow runs (``gate.*`` metrics and the
+``gate_verdict`` / ``gate_reason`` / ``gate_baseline_job`` tags)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+from pipeline.metrics.gate import THRESHOLDS
+from pipeline.report.catalog import format_metric, format_number, missing
+from pipeline.report.collect import SweepData
+
+NOTE = (
+    "Each optimized job (speculative decoding, quantization, compiled fast path, attention, "
+    "dtype) against the job of the same sweep without the optimization. Exact match: share "
+    "of prompts whose greedy tokens are identical; first divergence: the earliest token "
+    "where any prompt differs; mean KL: KL(baseline ‖ optimized) of the next-token "
+    "distributions teacher-forced on the baseline's tokens (nats/token; `-` where the "
+    "optimization does not change the model's computation, or the backend cannot score "
+    "sequences); PPL Δ: relative perplexity change. Verdicts: equivalent (all identical, or "
+    f"KL < {THRESHOLDS['equivalent_max_kl']:g}), numerics (KL < "
+    f"{THRESHOLDS['numerics_max_kl']:g} and |PPL Δ| < {THRESHOLDS['numerics_max_ppl_delta']:.0%}"
+    "), degraded otherwise.")
+
+
+def table(data: SweepData) -> pd.DataFrame:
+    """One row per job the gate judged; empty when none was."""
+    rows = []
+    for j in sorted(data.jobs, key=lambda j: j.job):
+        v = j.tags.get("gate_verdict")
+        if not v:
+            continue
+        m = j.metrics
+        div = m.get("gate.first_divergence_min")
+        rows.append({
+            "job": j.job,
+            "optimization": j.tags.get("gate_optimizations") or j.name,
+            "baseline job": j.tags.get("gate_baseline_job", "-"),
+            "tok/s ×": format_number(m.get("gate.speedup"), ".2f"),
+            "out tok/s": format_metric("output_tokens_per_s", m.get("output_tokens_per_s")),
+            "exact match": format_number(m.get("gate.exact_match_rate"), ".0%"),
+            "first divergence": "-" if missing(div) else f"{div:.0f}",
+            "mean KL": format_number(m.get("gate.mean_kl"), ".2e"),
+            "PPL Δ": format_number(m.get("gate.ppl_delta"), "+.2%"),
+            "verdict": v,
+            "why": j.tags.get("gate_reason", ""),
+        })
+    return pd.DataFrame(rows)
+
+
+def sections(data: SweepData) -> list[tuple[str, list[tuple[str, Any]]]]:
+    """The report section, or none when no job of the sweep was gated."""
+    df = table(data)
+    if df.empty:
+        return []
+    return [("Fast but wrong?", [("text", NOTE), ("table", df)])]

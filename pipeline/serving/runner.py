@@ -1,0 +1,169 @@
+"""Run a load profile (``workload.profile`` != fixed) against an online backend.
+
+``experiment.measure()`` hands over here after validation; the job's usual result comes
+back (the records of every point, tagged ``extra["point"]``, and job-level metrics), and
+every point's dict goes to ``points_out`` (``JobResult.load_points``). Each point goes
+through the backend's ordinary ``serve()``: the client is steered by a
+:class:`~pipeline.serving_client.PointControl` (over-saturation stop, duration), so any
+online backend (``vllm_server``, ``openai``) runs every profile unchanged.
+
+Concurrency: ``sync`` sends one request at a time, ``max`` every request at once with no
+cap, open-loop points follow their arrival schedule (``workload.arrival``, ``burstiness``)
+under ``workload.concurrency`` if set (null: a pure open loop; a cap turns lateness into
+client-side queueing, visible in the ``*_sched`` metrics).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from pipeline.config import Config
+from pipeline.measure.memory import PeakRSSSampler
+from pipeline.measure.timing import PhaseTimer, clock
+from pipeline.records import Request, RequestRecord
+from pipeline.serving import points as pts
+from pipeline.serving.engine import EngineSampler
+from pipeline.serving_client import PointControl, point_control
+from pipeline.workload.arrivals import arrival_offsets
+from pipeline.workload.profiles import (
+    SaturationRule,
+    SloSearch,
+    point_size,
+    ramp_rates,
+    sweep_rates,
+)
+from pipeline.workload.prompts import annotate_records
+
+log = logging.getLogger(__name__)
+
+
+class ProfileRunner:
+    """Runs points one after another and keeps their records and dicts."""
+
+    def __init__(self, backend: Any, spec: Config, requests: list[Request]) -> None:
+        self.backend = backend
+        self.spec = spec
+        self.w = spec.workload
+        self.requests = requests
+        self.slo = {k: v for k, v in (("ttft_ms", self.w.slo_ttft_ms),
+                                      ("tpot_ms", self.w.slo_tpot_ms),
+                                      ("e2el_ms", self.w.slo_e2el_ms)) if v is not None}
+        self.limits = {"max_client_cpu_percent": self.w.max_client_cpu_percent,
+                       "max_dispatch_lag_ms": self.w.max_dispatch_lag_ms}
+        self.points: list[dict[str, Any]] = []
+        self.records: list[RequestRecord] = []
+        url_of: Callable[[], str | None] | None = getattr(backend, "metrics_url", None)
+        self.metrics_url = url_of() if url_of is not None else None
+
+    def point(self, kind: str, rate: float | None = None) -> dict[str, Any]:
+        """Run one point: ``sync``, ``max`` or an open-loop ``rate`` (requests/s)."""
+        import psutil
+
+        w, k = self.w, len(self.points)
+        n = point_size(w, len(self.requests), rate)
+        reqs = [self.requests[i % len(self.requests)] for i in range(n)]
+        if rate is None:
+            send_at, conc = [0.0] * n, (1 if kind == "sync" else None)
+        else:
+            send_at = arrival_offsets(n, rate, w.arrival, w.burstiness, self.spec.seed + k)
+            conc = w.concurrency
+        ctrl = PointControl(grace_s=w.point_grace_s)
+        if rate is not None:
+            ctrl.stop_rule = SaturationRule(rate, w.saturation_rate_ratio,
+                                            w.saturation_ttft_growth)
+            ctrl.deadline_s = w.point_duration_s
+        proc = psutil.Process()
+        proc.cpu_percent(None)  # starts the interval the reading after the point covers
+        with EngineSampler(self.metrics_url) as engine, point_control(ctrl):
+            t0 = clock()
+            try:
+                recs = self.backend.serve(reqs, self.spec.decoding, send_at=send_at,
+                                          concurrency=conc, timeout_s=w.request_timeout_s,
+                                          max_new_tokens=w.max_new_tokens,
+                                          fixed_length=w.fixed_length)
+            except Exception as e:
+                # every request failing fails the job, unless we aborted them ourselves
+                if ctrl.stop_reason is None or getattr(e, "records", None) is None:
+                    raise
+                recs = list(e.records)  # type: ignore[attr-defined]
+            wall = clock() - t0
+        cpu = proc.cpu_percent(None)
+        annotate_records(recs, self.requests)
+        for r in recs:
+            r.extra["point"] = k
+        p = pts.summarize_point(k, kind, rate, conc, recs, wall, n, self.slo,
+                                w.slo_percentile, cpu, self.limits, ctrl.stop_reason,
+                                engine.metrics())
+        self.points.append(p)
+        self.records.extend(recs)
+        print(_line(p), flush=True)
+        return p
+
+    # ----------------------------------------------------------------- profiles
+
+    def sweep(self) -> None:
+        sync, mx = self.point("sync"), self.point("max")
+        for rate in sweep_rates(sync["achieved_rate"], mx["achieved_rate"],
+                                self.w.sweep_points):
+            self.point("rate", rate)
+
+    def ramp(self) -> None:
+        for rate in ramp_rates(self.w):
+            if self.point("rate", rate)["saturated"]:
+                break  # beyond the first saturated rate the load would only queue
+
+    def slo_search(self) -> float:
+        sync = self.point("sync")
+        if not pts.passes(sync):
+            return 0.0  # not even one request at a time meets the SLOs
+        mx = self.point("max")
+        search = SloSearch(start=max(mx["achieved_rate"], sync["achieved_rate"]),
+                           tolerance=self.w.search_tolerance, budget=self.w.max_points - 2)
+        while (rate := search.next_rate()) is not None:
+            search.record(rate, pts.passes(self.point("rate", rate)))
+        return search.answer
+
+
+def _line(p: dict[str, Any]) -> str:
+    rate = f"{p['offered_rate']:.2f}/s" if p["offered_rate"] is not None else p["kind"]
+    flags = [f for f, on in (("saturated", p["saturated"]), ("INVALID", not p["valid"]),
+                             ("slo ok", p.get("slo_met"))) if on]
+    return (f"point {p['index']} {rate}: {p['requests_completed']}/{p['requests_sent']} ok, "
+            f"{p['achieved_rate']:.2f} req/s, TTFT p50 {p.get('ttft_ms_p50', float('nan')):.0f}"
+            f" ms, ITL p50 {p.get('itl_ms_p50', float('nan')):.1f} ms"
+            + (f" [{', '.join(flags)}]" if flags else ""))
+
+
+def run_profile(backend: Any, spec: Config, requests: list[Request], timer: PhaseTimer,
+                points_out: list[dict[str, Any]] | None = None,
+                ) -> tuple[list[RequestRecord], dict[str, float]]:
+    """Warm up, run the profile's points, return (records, job metrics); the points go to
+    ``points_out``. Same contract as ``experiment.measure``."""
+    w = spec.workload
+    with timer.phase("warmup"):
+        for _ in range(w.warmup):
+            backend.serve(requests[:1], spec.decoding, send_at=[0.0], concurrency=1,
+                          timeout_s=w.request_timeout_s, max_new_tokens=w.max_new_tokens,
+                          fixed_length=w.fixed_length)
+    run = ProfileRunner(backend, spec, requests)
+    answer: float | None = None
+    with timer.phase("generate"), PeakRSSSampler(spec.measure.rss_sample_interval_s,
+                                                 extra_pids=backend.child_pids) as mem:
+        t0 = clock()
+        if w.profile == "sweep":
+            run.sweep()
+        elif w.profile == "ramp":
+            run.ramp()
+        elif w.profile == "slo_search":
+            answer = run.slo_search()
+        else:
+            raise ValueError(f"workload.profile={w.profile!r}: no points to run")
+        wall = clock() - t0
+    metrics = pts.summary_metrics(run.points, w.profile, answer)
+    metrics["measured_wall_s"] = wall
+    metrics["peak_rss_bytes"] = float(mem.peak_bytes)
+    if points_out is not None:
+        points_out.extend(run.points)
+    return run.records, metrics
