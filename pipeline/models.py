@@ -24,6 +24,21 @@ log = logging.getLogger(__name__)
 _DONE = "infersweep_converted.json"
 
 
+#: the project's conf/ folder, where the model presets live
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def preset(name: str, conf_dir: Path = CONF_DIR) -> ModelConfig:
+    """The model preset ``conf/model/<name>.yaml`` as a ModelConfig (for scripts and tests
+    that build a config without Hydra; the schema itself names no model)."""
+    from omegaconf import OmegaConf
+
+    d = OmegaConf.to_container(OmegaConf.load(conf_dir / "model" / f"{name}.yaml"))
+    assert isinstance(d, dict)
+    d.pop("defaults", None)
+    return ModelConfig(**d)
+
+
 def packaged_gguf(m: ModelConfig) -> Path:
     """Path of the GGUF inside its installed package, or a ConfigError saying how to get it."""
     assert m.gguf_package and m.gguf_file

@@ -16,10 +16,9 @@ CACHE_DIR = ROOT / "outputs" / "cache"
 @pytest.fixture(scope="session")
 def model_dir() -> str:
     """The packaged SmolLM2-135M, converted once into the repo's cache (as `make run` does)."""
-    from pipeline.config import ModelConfig
-    from pipeline.models import resolve_model
+    from pipeline.models import preset, resolve_model
 
-    return resolve_model(ModelConfig(), CACHE_DIR)
+    return resolve_model(preset("smollm2-135m"), CACHE_DIR)
 
 
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:

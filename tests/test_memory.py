@@ -71,3 +71,23 @@ def test_falls_back_to_sampling_where_the_kernel_refuses(monkeypatch: pytest.Mon
     assert mem.method == "sampled"
     assert not [t for t in threading.enumerate() if t.name == "rss-sampler"]
     assert mem.peak_bytes >= 200 * MiB
+
+
+def test_baseline_hands_back_freed_heap_memory() -> None:
+    """A job reusing a cached model must not count what an earlier job freed as "the
+    loaded model": the baseline trims the heap first (glibc's malloc_trim)."""
+    import numpy as np
+
+    from pipeline.measure.memory import memory_now, tree_rss, trim_heap
+
+    if not trim_heap():
+        pytest.skip("no glibc malloc_trim here")
+    base = memory_now()["rss_bytes"]
+    blocks = [np.ones(1000) for _ in range(100_000)]  # ~800 MB of small heap blocks
+    grown = tree_rss(os.getpid())
+    keep = np.ones(10)  # allocated on top, so the freed blocks stay inside the heap
+    del blocks
+    after = memory_now()["rss_bytes"]
+    assert grown - base > 500 * 2**20
+    assert after - base < 100 * 2**20, (base, grown, after)
+    del keep

@@ -97,8 +97,10 @@ def test_ui_hint_links_the_sweeps_runs_and_compare_page() -> None:
     assert "mlflow ui --backend-store-uri sqlite:////x/mlflow.db" in hint
     runs = next(line for line in hint.split() if "/runs?" in line)
     assert runs.startswith("http://127.0.0.1:5000/#/experiments/7/runs?searchFilter=")
-    assert urllib.parse.unquote(runs.split("searchFilter=")[1]) == \
-        "tags.mlflow.parentRunId = 'p1'"
+    flt, _, order = runs.split("searchFilter=")[1].partition("&")
+    assert urllib.parse.unquote(flt) == "tags.mlflow.parentRunId = 'p1'"
+    # listed flat by name (with the default order MLflow nests them under the parent)
+    assert urllib.parse.unquote(order) == "orderByKey=tags.`mlflow.runName`&orderByAsc=true"
     comp = next(line for line in hint.split() if "compare-runs" in line)
     assert urllib.parse.unquote(comp) == \
         'http://127.0.0.1:5000/#/compare-runs?runs=["a","b"]&experiments=["7"]'

@@ -260,11 +260,16 @@ def _screenshot(page: Path, png: Path, tmp: Path) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_html_renders_plots_in_headless_chromium(built: Path, tmp_path: Path) -> None:
+def test_html_renders_plots_in_headless_chromium(sweep: Path, built: Path,
+                                                 tmp_path: Path) -> None:
     if shutil.which("chromium") is None:
         pytest.skip("chromium is not installed (Debian: apt-get install chromium; .ci/run "
                     "installs it): cannot screenshot the HTML report")
-    img = _screenshot(built / "report.html", tmp_path / "report.png", tmp_path)
+    # the static page (--static-html): the PNGs themselves are visible
+    static = tmp_path / "static"
+    assert build.main(["--sweep-dir", str(_sweep_dir(sweep)), "--output-dir", str(static),
+                       "--static-html", "--no-log"]) == 0
+    img = _screenshot(static / "report.html", tmp_path / "report.png", tmp_path)
     frames = _dark_frame_rows(img)
     # three figures (four axes) sit in the first 3000 px: at least two frames' top+bottom
     assert len(frames) >= 4, frames
@@ -274,10 +279,24 @@ def test_html_renders_plots_in_headless_chromium(built: Path, tmp_path: Path) ->
     assert (region.min(axis=-1) < 0.9).mean() > 0.01  # not a blank band
 
     # control: the same page without its images shows no plot frames
-    html = (built / "report.html").read_text()
+    html = (static / "report.html").read_text()
     stripped = tmp_path / "noimg.html"
     stripped.write_text(re.sub(r'src="data:image/png;base64,[^"]*"', 'src=""', html))
     assert _dark_frame_rows(_screenshot(stripped, tmp_path / "noimg.png", tmp_path)) == []
+
+    # the default page: plotly (inlined) draws each interactive figure as SVG, offline
+    if "Plotly.newPlot" in (built / "report.html").read_text():
+        dom = subprocess.run(
+            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             f"--user-data-dir={tmp_path / 'chromium-dom'}", "--virtual-time-budget=10000",
+             "--dump-dom", (built / "report.html").resolve().as_uri()],
+            capture_output=True, text=True, timeout=120).stdout
+        drawn = set(re.findall(r'id="(plot-[a-z_]+)"[^>]*class="[^"]*js-plotly-plot', dom))
+        drawn |= set(re.findall(r'class="[^"]*js-plotly-plot[^"]*"[^>]*id="(plot-[a-z_]+)"',
+                                dom))
+        assert {"plot-quality_vs_diversity", "plot-throughput_vs_latency",
+                "plot-latency_distributions"} <= drawn, sorted(drawn)
+        assert dom.count('class="main-svg"') >= 3
 
 
 def test_markdown_table_escapes_pipes() -> None:

@@ -53,7 +53,8 @@ def _context_sweep() -> SweepData:
 
 
 def test_expectations_are_one_table() -> None:
-    assert [e.name for e in EXPECTATIONS] == ["attention kernels", "KV cache", "prefix caching"]
+    assert [e.name for e in EXPECTATIONS] == ["attention kernels", "KV cache", "batching", "vLLM",
+                                             "prefix caching"]
     assert "1.5–3x" in BY_NAME["attention kernels"].expected
     kv = BY_NAME["KV cache"]
     assert kv.holds_at("workload.max_new_tokens", 200)

@@ -36,9 +36,9 @@ PROMPTS = [
 @pytest.fixture(scope="session")
 def vllm_model_dir() -> str:
     """The packaged default model, converted once into the repo's cache."""
-    from pipeline.models import resolve_model
+    from pipeline.models import preset, resolve_model
 
-    return resolve_model(ModelConfig(), CACHE.resolve())
+    return resolve_model(preset("smollm2-135m"), CACHE.resolve())
 
 
 @pytest.fixture(scope="module")
@@ -381,7 +381,7 @@ def test_engine_cache_keeps_one_idle_engine_and_stops_all() -> None:
     assert not reused and a.users == 1 and len(cache) == 1 and not cache.idle_pids()
     a.release()
     again, reused = cache.take(("a",), lambda: Fake(key=("a",), env={}))
-    assert reused and again is a and a.jobs == 2
+    assert reused and again is a and a.users == 1
     b, _ = cache.take(("b",), lambda: Fake(key=("b",), env={}))  # a is held: both stay
     assert len(cache) == 2 and not stopped
     b.release()

@@ -179,10 +179,25 @@ def cuda_peaks() -> dict[str, Any]:
     return out
 
 
+def trim_heap() -> bool:
+    """``malloc_trim(0)`` where glibc has it: return freed heap pages to the OS."""
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc: the baseline keeps what was freed
+        return False
+
+
 def memory_now(extra_pids: Callable[[], list[int]] | None = None) -> dict[str, int]:
     """What is held right now: resident bytes of this process tree (as
     :class:`PeakRSSSampler` counts it) and, on CUDA, torch's allocated bytes. Taken right
-    after a model loads, it is the baseline of :func:`above_load`."""
+    with the model loaded and warmed up, it is the baseline of :func:`above_load`.
+
+    Freed heap memory is first handed back to the OS (``malloc_trim``): the C allocator
+    keeps what an earlier job of the process freed, which would otherwise sit in this
+    baseline and hide the working memory of a job that reuses a cached model."""
+    trim_heap()
     out = {"rss_bytes": tree_rss(os.getpid(), extra_pids() if extra_pids else None)}
     import sys
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.report.collect import ReportError, SweepData, collect, find_parent, open_client
+from pipeline.report.interactive import figures as interactive_figures
 from pipeline.report.plots import plot_images
 from pipeline.report.render import build_sections, render_html, render_markdown, ui_links
 from pipeline.report.tables import Table, build_tables
@@ -35,11 +36,15 @@ class Report:
     markdown_text: str
 
 
-def write_report(data: SweepData, output_dir: Path, baseline: str | None = None) -> Report:
-    """Write report.md, report.html and the PNGs under ``output_dir``."""
+def write_report(data: SweepData, output_dir: Path, baseline: str | None = None,
+                 interactive: bool = True) -> Report:
+    """Write report.md, report.html and the PNGs under ``output_dir``; ``interactive``:
+    report.html draws its plots with plotly (hover, legend toggles) where it is installed,
+    else (or when False) it embeds the PNGs."""
     t = build_tables(data, baseline)
     sections = build_sections(data, t)
     images = plot_images(data, t)
+    figures = interactive_figures(data, t) if interactive else {}
     built = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -48,7 +53,8 @@ def write_report(data: SweepData, output_dir: Path, baseline: str | None = None)
         paths[name].write_bytes(png)
     md = render_markdown(data, sections, built)
     (output_dir / "report.md").write_text(md)
-    (output_dir / "report.html").write_text(render_html(data, sections, images, built))
+    (output_dir / "report.html").write_text(render_html(data, sections, images, built,
+                                                             figures))
     return Report(output_dir, output_dir / "report.md", output_dir / "report.html", paths, t, md)
 
 
@@ -86,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="where to write (default: outputs/reports/<sweep name>/)")
     ap.add_argument("--baseline", help="baseline job: 'decoding=greedy', 'job=0', a run name "
                                        "or id (default: the first finished job)")
+    ap.add_argument("--static-html", action="store_true",
+                    help="report.html with the PNG plots only (no plotly.js, a smaller file)")
     ap.add_argument("--no-log", action="store_true",
                     help="do not log the report to the parent run")
     return ap
@@ -113,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     out = args.output_dir or DEFAULT_OUTPUT_DIR / "reports" / data.sweep_name
     try:
-        report = write_report(data, out, args.baseline)
+        report = write_report(data, out, args.baseline, interactive=not args.static_html)
     except ValueError as e:  # a baseline selector that names no job, or several
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -34,6 +34,10 @@ METRICS = (
     MetricSpec("peak_rss_bytes", "peak RSS MiB", "MiB", "mib", False),
     MetricSpec("peak_rss_above_load_bytes", "peak RSS above load MiB", "MiB", "mib", False),
     MetricSpec("cuda_max_allocated_bytes", "CUDA max alloc MiB", "MiB", "mib", False),
+    # how close to the machine's limit, and what start-up cost (hf compile, vLLM engine)
+    MetricSpec("roofline_share", "roofline share", "", ".2f", True),
+    MetricSpec("compile_s", "compile s", "s", ".1f", False),
+    MetricSpec("engine_start_s", "engine start s", "s", ".1f", False),
     MetricSpec("perplexity", "PPL", "", ".3f", False),
     MetricSpec("self_bleu", "self-BLEU", "", ".3f", False),
     MetricSpec("distinct_2", "distinct-2", "", ".3f", True),

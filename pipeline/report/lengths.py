@@ -173,7 +173,7 @@ def _reference(cfg: Config, configs: list[Config], base: Config
     vals = dict(cfg)
     for a, v in cfg:
         e = for_param(a)
-        if e is None or v.lower() not in e.candidates:
+        if e is None or not e.switches_on(v):
             continue
         for r in configs:
             rv = dict(r)

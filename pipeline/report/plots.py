@@ -202,31 +202,39 @@ def scaling(series: Sequence[Mapping[str, Any]], metric: lengths.ScalingMetric,
     return _png(fig)
 
 
-def scaling_plots(frame: Any) -> dict[str, bytes]:
-    """The scaling figures (image name -> PNG) of a ``scaling`` table's frame; none when no
-    length varies."""
-    out: dict[str, bytes] = {}
+def scaling_series(frame: Any) -> list[tuple[lengths.ScalingMetric, list[dict[str, Any]], str]]:
+    """Per scaling figure of a ``scaling`` table's frame: its metric, one series per
+    configuration and the x label; none when no length varies."""
     metrics = lengths.scaling_images(frame)
     if not metrics:
-        return out
+        return []
     rows = frame.to_dict("records")
     xlabel = lengths.LENGTH_WORDS[rows[0]["length_param"]]
+    out = []
     for m in metrics:
         series: dict[int, dict[str, Any]] = {}
         for r in rows:
             s = series.setdefault(int(r["index"]), {"label": r["config"],
                                                     "index": r["index"], "points": []})
             s["points"].append((r["length"], _val(r.get(m.key))))
-        out[m.image] = scaling(list(series.values()), m, xlabel)
+        out.append((m, list(series.values()), xlabel))
     return out
+
+
+def scaling_plots(frame: Any) -> dict[str, bytes]:
+    """The scaling figures (image name -> PNG) of a ``scaling`` table's frame; none when no
+    length varies."""
+    return {m.image: scaling(series, m, xlabel) for m, series, xlabel in scaling_series(frame)}
 
 
 def _val(v: Any) -> float | None:
     return None if missing(v) else float(v)
 
 
-def plot_images(data: SweepData, tables: Mapping[str, Table]) -> dict[str, bytes]:
-    """The report's PNGs (name -> bytes), drawn from the tables and the request timings."""
+def plot_inputs(data: SweepData, tables: Mapping[str, Table]) -> dict[str, Any]:
+    """The points every figure is drawn from (the PNGs here, the interactive plots in
+    :mod:`pipeline.report.interactive`): ``quality`` and ``throughput`` points, the
+    ``latency_axes`` of the Pareto table and the per-request ``latency`` series."""
     over = varying_overrides(data.jobs)
     idx = {j.job: i for i, j in enumerate(data.jobs)}
     label = {j.job: short_label(j, over[j.run_id]) for j in data.jobs}
@@ -248,11 +256,18 @@ def plot_images(data: SweepData, tables: Mapping[str, Table]) -> dict[str, bytes
         e2el, ttft = request_latencies(j.results)
         series.append({"label": label[j.job], "index": idx[j.job], "e2el_ms": e2el,
                        "ttft_ms": ttft})
+    return {"quality": qd, "throughput": tl,
+            "latency_axes": lat_axes or [("e2el_ms_mean", "mean E2EL (ms)")],
+            "latency": series}
+
+
+def plot_images(data: SweepData, tables: Mapping[str, Table]) -> dict[str, bytes]:
+    """The report's PNGs (name -> bytes), drawn from the tables and the request timings."""
+    pts = plot_inputs(data, tables)
     return {
-        "quality_vs_diversity": quality_vs_diversity(qd),
-        "throughput_vs_latency": throughput_vs_latency(
-            tl, lat_axes or [("e2el_ms_mean", "mean E2EL (ms)")]),
-        "latency_distributions": latency_distributions(series),
+        "quality_vs_diversity": quality_vs_diversity(pts["quality"]),
+        "throughput_vs_latency": throughput_vs_latency(pts["throughput"], pts["latency_axes"]),
+        "latency_distributions": latency_distributions(pts["latency"]),
         **(scaling_plots(tables["scaling"].frame) if "scaling" in tables else {}),
         **serving.images(data),  # load-profile curves, when a job ran one
     }

@@ -16,14 +16,15 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.report import gate, serving
+from pipeline.report import gate, noise, serving
 from pipeline.report.catalog import SPECS, format_metric
 from pipeline.report.collect import SweepData
 from pipeline.report.expectations import BY_NAME
+from pipeline.report.interactive import figure_html
 from pipeline.report.lengths import LENGTH_WORDS, scaling_images
 from pipeline.report.plots import CAPTIONS
 from pipeline.report.tables import Table, display_tables
-from pipeline.tracking.mlflow import ui_command
+from pipeline.tracking.mlflow import FLAT_ORDER, ui_command
 
 UI_BASE = "http://127.0.0.1:5000"
 # The headline picks: metric and the words for its best job.
@@ -60,7 +61,10 @@ def ui_links(data: SweepData) -> dict[str, str]:
         "command": ui_command(uri),
         # /runs: MLflow 3 opens an experiment on its GenAI overview, not the runs table
         "experiment runs": f"{base}/#/experiments/{data.experiment_id}/runs",
-        "sweep runs": f"{base}/#/experiments/{data.experiment_id}/runs?searchFilter={filt}",
+        # ordered by run name: with the default (start time) order MLflow's UI nests the
+        # children under their collapsed parent row, so the filtered page shows one row
+        "sweep runs": (f"{base}/#/experiments/{data.experiment_id}/runs?searchFilter={filt}"
+                       f"{FLAT_ORDER}"),
         "parent run": f"{base}/#/experiments/{data.experiment_id}/runs/{data.parent_id}",
         "compare runs": (f"{base}/#/compare-runs?runs={json.dumps(ids, **compact)}"
                          f"&experiments={json.dumps([data.experiment_id], **compact)}"),
@@ -85,17 +89,21 @@ def headline_lines(tables: Mapping[str, Table], data: SweepData) -> list[str]:
     elif total is not None and total != len(jobs):
         lines.append(f"the sweep counted {total:.0f} job(s) but {len(jobs)} are logged as its "
                      "child runs: the others are missing from this report.")
+    by_id = {j.run_id: j for j in data.jobs}
+    done = jobs[jobs["status"] == "FINISHED"]
     for key, words in HEADLINE_PICKS:
-        if key not in jobs.columns or jobs[key].isna().all():
+        if key not in done.columns or done[key].isna().all():
             continue
-        col = jobs[key].astype(float)
-        if col.nunique() < 2:
+        figs = {rid: noise.figure(by_id[rid].metrics, key) for rid in done["run_id"]}
+        best, _ = noise.extremes(key, figs, SPECS[key].higher_is_better)
+        if not best:  # the spread is within noise: no leader to name
             continue
         spec = SPECS[key]
-        i = col.idxmax() if spec.higher_is_better else col.idxmin()
         unit = f" {spec.unit}" if spec.unit else ""
-        lines.append(f"{words}: job {jobs.loc[i, 'job']} ({jobs.loc[i, 'overrides']}) "
-                     f"at {format_metric(key, col[i])}{unit}")
+        lead = [r for _, r in done.iterrows() if r["run_id"] in best]
+        lines.append(("tied within noise, " if len(lead) > 1 else "") + f"{words}: " + ", ".join(
+            f"job {r['job']} ({r['overrides']}) at {format_metric(key, r[key])}{unit}"
+            for r in lead))
     return lines
 
 
@@ -159,10 +167,37 @@ def length_sections(tables: Mapping[str, Table], d: Mapping[str, pd.DataFrame]
     return out
 
 
+def expected_blocks(d: Mapping[str, pd.DataFrame]) -> list[Block]:
+    """The seed's expectations beside the measured ratios, when the sweep varies what one
+    of them is about (none otherwise)."""
+    if "expected" not in d or d["expected"].empty:
+        return []
+    return [Block("text", (
+        "What the seed expects, beside what this sweep measured: each job with an "
+        "optimization on against the job without it that matches it on every other param. "
+        "The verdict says \"within noise\" when the two throughputs differ by less than the "
+        "noise rule allows (see the Summary), else where the ratio falls against the seed's "
+        "range.")), Block("table", d["expected"])]
+
+
+def applied_blocks(d: Mapping[str, pd.DataFrame]) -> list[Block]:
+    """The applied settings that differ across jobs, and one line listing the common ones."""
+    common = d.get("applied_common", pd.DataFrame())
+    same = ", ".join(f"{k}={v}" for k, v in common.itertuples(index=False))
+    blocks = [Block("text", "Read back from the loaded model by each job (results.json); "
+                            "only the settings that differ across jobs are columns.")]
+    if len(d["applied"].columns) > 1:
+        blocks.append(Block("table", d["applied"]))
+    if same:
+        blocks.append(Block("text", f"Same in every job: {same}."))
+    return blocks
+
+
 def build_sections(data: SweepData, tables: Mapping[str, Table]) -> list[Section]:
     """The report's structure; both renderers walk it, so markdown and HTML agree."""
     d = display_tables(tables)
     repeats = any(c.endswith("_ci95") for c in tables["jobs"].frame.columns)
+    rule = noise.rule_text(repeats)
     links = ui_links(data)
     jobs_note = ("Swept axes are the params that differ across jobs, named by their last "
                  "part where that is unambiguous (`decoding` is the preset, `decoding.name`); "
@@ -172,14 +207,14 @@ def build_sections(data: SweepData, tables: Mapping[str, Table]) -> list[Section
                       "over repeats ± its 95% CI; the other tables use the pooled figure "
                       "(all tokens / all measured time).")
     sections = [
-        Section("Summary", [Block("list", headline_lines(tables, data))]),
+        Section("Summary", [Block("list", headline_lines(tables, data)), Block("text", rule)]),
         Section("Jobs", [Block("text", jobs_note), Block("table", d["jobs"])]),
         Section("Against the baseline", [
             Block("text", "Measured ratios against the baseline job: throughput × = job / "
                           "baseline tok/s; latency speed-up × = baseline / job latency (above 1 "
                           "is faster); memory saving % = 1 − job / baseline peak (positive "
                           "saves memory). Choose the baseline with `--baseline`."),
-            Block("table", d["vs_baseline"])]),
+            Block("table", d["vs_baseline"]), *expected_blocks(d)]),
         *length_sections(tables, d),
         Section("Quality vs diversity", [_image("quality_vs_diversity")]),
         Section("Throughput vs latency", [_image("throughput_vs_latency"),
@@ -192,14 +227,12 @@ def build_sections(data: SweepData, tables: Mapping[str, Table]) -> list[Section
             Block("text", "Per job: quality (perplexity under the scorer, lower = more "
                           "likely), diversity (self-BLEU, lower = more diverse; distinct-2, "
                           "higher = more diverse), repetition (rep-2) and speed. The reading "
-                          "only ranks these measured numbers within this sweep; with few "
-                          "prompts and one repeat small gaps may be noise."),
+                          "only ranks these measured numbers within this sweep, and only "
+                          "where a gap exceeds the noise. " + rule),
             Block("table", d["tradeoffs"])]),
     ]
     if not d["applied"].empty:
-        sections.append(Section("Applied settings", [
-            Block("text", "Read back from the loaded model by each job (results.json)."),
-            Block("table", d["applied"])]))
+        sections.append(Section("Applied settings", applied_blocks(d)))
     commit = data.parent_tags.get("git_commit", "")
     repro = [Block("code", reproduce_command(data))]
     if commit and commit != "unknown":
@@ -304,7 +337,7 @@ code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.9em}
 """
 
 
-def _html_block(b: Block, images: Mapping[str, bytes]) -> str:
+def _html_block(b: Block, images: Mapping[str, bytes], plots: dict[str, str]) -> str:
     if b.kind == "text":
         return f"<p>{_inline_md(b.value)}</p>"
     if b.kind == "list":
@@ -313,6 +346,10 @@ def _html_block(b: Block, images: Mapping[str, bytes]) -> str:
         return _html_table(b.value)
     if b.kind == "code":
         return f"<pre><code>{html.escape(b.value)}</code></pre>"
+    if b.value in plots:  # interactive: the plotly fragment, with the caption below
+        return (f"<figure class=\"interactive\">{plots[b.value]}"
+                f"<figcaption>{html.escape(b.caption)} Hover for values; click a legend "
+                "entry to hide or show it.</figcaption></figure>")
     b64 = base64.b64encode(images[b.value]).decode("ascii")
     return (f"<figure><img alt=\"{html.escape(b.caption)}\" "
             f"src=\"data:image/png;base64,{b64}\">"
@@ -320,8 +357,14 @@ def _html_block(b: Block, images: Mapping[str, bytes]) -> str:
 
 
 def render_html(data: SweepData, sections: list[Section], images: Mapping[str, bytes],
-                built: str = "") -> str:
-    """report.html: self-contained (inline CSS, plots as base64 PNG data URIs)."""
+                built: str = "", figures: Mapping[str, Any] | None = None) -> str:
+    """report.html: self-contained (inline CSS; plots as base64 PNG data URIs, or for the
+    images in ``figures`` the interactive plotly figure, plotly.js inlined once)."""
+    plots: dict[str, str] = {}
+    for s in sections:  # in page order, so the first figure carries plotly.js
+        for b in s.blocks:
+            if b.kind == "image" and figures and b.value in figures and b.value not in plots:
+                plots[b.value] = figure_html(figures[b.value], b.value, first=not plots)
     title = html.escape(_title(data))
     out = ["<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">",
            f"<title>{title}</title><style>{CSS}</style></head><body>", f"<h1>{title}</h1>"]
@@ -331,6 +374,6 @@ def render_html(data: SweepData, sections: list[Section], images: Mapping[str, b
                    f"<code>{html.escape(data.parent_id)}</code>.</em></p>")
     for s in sections:
         out.append(f"<h2>{html.escape(s.title)}</h2>")
-        out += [_html_block(b, images) for b in s.blocks]
+        out += [_html_block(b, images, plots) for b in s.blocks]
     out.append("</body></html>")
     return "\n".join(out) + "\n"

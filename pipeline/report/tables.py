@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.report import noise
 from pipeline.report.catalog import METRICS, SPECS, format_metric, format_number, missing
 from pipeline.report.collect import JobRun, SweepData
 
@@ -219,25 +220,14 @@ def _quantile(v: list[float], q: float) -> float | None:
     return float(np.percentile(np.asarray(v, dtype=float), q)) if v else None
 
 
-def _extremes(values: dict[str, float | None], higher_is_better: bool
-              ) -> tuple[set[str], set[str]]:
-    """The best and worst ids, empty when every value is the same (nothing to rank)."""
-    known = {k: v for k, v in values.items() if v is not None}
-    if len(known) < 2 or len(set(known.values())) == 1:
-        return set(), set()
-    hi, lo = max(known.values()), min(known.values())
-    best, worst = (hi, lo) if higher_is_better else (lo, hi)
-    return ({k for k, v in known.items() if v == best},
-            {k for k, v in known.items() if v == worst})
-
-
 def readings(jobs: list[JobRun], baseline: JobRun) -> dict[str, str]:
     """Per run id, a neutral one-line reading derived from the numbers: where the job is
-    the best or worst of the sweep on each trade-off metric, and its speed vs the baseline."""
+    the best or worst of the sweep on each trade-off metric (only where the gap exceeds the
+    noise, :mod:`pipeline.report.noise`), and its speed vs the baseline."""
     parts: dict[str, list[str]] = {j.run_id: [] for j in jobs}
     for key, (best_word, worst_word) in READING_WORDS.items():
-        vals = {j.run_id: j.metrics.get(key) for j in jobs if j.status == "FINISHED"}
-        best, worst = _extremes(vals, SPECS[key].higher_is_better)
+        vals = {j.run_id: noise.figure(j.metrics, key) for j in jobs if j.status == "FINISHED"}
+        best, worst = noise.extremes(key, vals, SPECS[key].higher_is_better)
         for rid in best:
             parts[rid].append(("tied " if len(best) > 1 else "") + best_word)
         for rid in worst:
@@ -399,12 +389,32 @@ def tradeoffs_table(s: Sweep) -> Table:
     return Table(pd.DataFrame(rows), cols)
 
 
+def _applied(s: Sweep) -> list[tuple[JobRun, dict[str, Any]]]:
+    """Each job with its results.json ``applied`` settings (jobs without any left out)."""
+    pairs = [(j, (j.results or {}).get("applied") or {}) for j in s.jobs]
+    return [(j, a) for j, a in pairs if a]
+
+
 def applied_table(s: Sweep) -> Table:
-    """The settings each job read back from its loaded model (results.json ``applied``)."""
-    applied = [(j, (j.results or {}).get("applied") or {}) for j in s.jobs]
+    """The settings each job read back from its loaded model (results.json ``applied``),
+    only those that differ across jobs (a key some job lacks counts as differing); the
+    common ones are in :func:`applied_common_table`."""
+    applied = _applied(s)
     keys = sorted({k for _, a in applied for k in a})
-    rows = [{"job": j.job, **{k: a.get(k) for k in keys}} for j, a in applied if a]
-    return Table(pd.DataFrame(rows), [plain("job"), *(plain(k) for k in keys)])
+    varying = [k for k in keys if len(applied) > 1 and (
+        any(k not in a for _, a in applied) or len({str(a[k]) for _, a in applied}) > 1)]
+    rows = [{"job": j.job, **{k: a.get(k) for k in varying}} for j, a in applied]
+    return Table(pd.DataFrame(rows), [plain("job"), *(plain(k) for k in varying)])
+
+
+def applied_common_table(s: Sweep) -> Table:
+    """The applied settings every job shares, one (setting, value) row each."""
+    applied = _applied(s)
+    shown = set(applied_table(s).frame.columns)
+    keys = sorted({k for _, a in applied for k in a} - shown)
+    rows = [{"setting": k, "value": applied[0][1][k]} for k in keys]
+    return Table(pd.DataFrame(rows, columns=["setting", "value"]),
+                 [plain("setting"), plain("value")])
 
 
 def _joined(values: list[Any]) -> str:
@@ -457,10 +467,13 @@ def provenance_rows(data: SweepData) -> list[tuple[str, str]]:
 
 def build_tables(data: SweepData, baseline: str | None = None) -> dict[str, Table]:
     """Every table of the report. Keys: ``jobs``, ``vs_baseline``, ``pareto``, ``latency``,
-    ``tradeoffs``, ``applied``, ``provenance``, ``runs`` (the jobs' run names and ids), and
+    ``tradeoffs``, ``applied`` (settings that differ), ``applied_common`` (the others),
+    ``expected`` (the seed's expectations beside the measured ratios), ``provenance``,
+    ``runs`` (the jobs' run names and ids), and
     from :mod:`pipeline.report.lengths` ``scaling``, ``length_ratios``, ``prefix_ttft``
     (empty when the sweep varies no length / has no prefix groups)."""
-    from pipeline.report.lengths import length_tables  # it builds on this module
+    from pipeline.report.claims import expected_table  # both build on this module
+    from pipeline.report.lengths import length_tables
 
     s = Sweep.of(data, baseline)
     jobs = jobs_table(s)
@@ -471,6 +484,8 @@ def build_tables(data: SweepData, baseline: str | None = None) -> dict[str, Tabl
         "latency": latency_table(s),
         "tradeoffs": tradeoffs_table(s),
         "applied": applied_table(s),
+        "applied_common": applied_common_table(s),
+        "expected": expected_table(s),
         "provenance": Table(pd.DataFrame(provenance_rows(data), columns=["item", "value"]),
                             [plain("item"), plain("value")]),
         "runs": Table(jobs.frame, [plain(c) for c in ("job", "run", "run_id", "status")]),

@@ -104,13 +104,21 @@ def ui_base(uri: str) -> str:
     return uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
 
 
-def runs_url(uri: str, exp_id: str, parent_run_id: str | None = None) -> str:
+#: runs ordered by name: with MLflow's default order (start time) its UI nests the children
+#: under their collapsed parent row, so a page filtered to them shows one row
+FLAT_ORDER = "&orderByKey=" + urllib.parse.quote("tags.`mlflow.runName`") + "&orderByAsc=true"
+
+
+def runs_url(uri: str, exp_id: str, parent_run_id: str | None = None, flat: bool = True
+             ) -> str:
     """The experiment's runs table (MLflow 3's hash route ``#/experiments/<id>/runs``),
-    filtered to a sweep's child runs when ``parent_run_id`` is given."""
+    filtered to a sweep's child runs when ``parent_run_id`` is given (listed flat, by name,
+    unless ``flat=False``)."""
     url = f"{ui_base(uri)}/#/experiments/{exp_id}/runs"
     if parent_run_id:
         flt = f"tags.mlflow.parentRunId = '{parent_run_id}'"
-        url += "?searchFilter=" + urllib.parse.quote(flt, safe="")
+        url += "?searchFilter=" + urllib.parse.quote(flt, safe="") + (FLAT_ORDER if flat
+                                                                        else "")
     return url
 
 

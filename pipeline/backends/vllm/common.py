@@ -342,17 +342,15 @@ def reap(pids: list[int], timeout: float, *, group: bool = False) -> None:
 @dataclass
 class Shared:
     """A started engine (or server) that the jobs of a process share: its key, the
-    environment it started under, and how many jobs hold it now / have used it."""
+    environment it started under, and how many jobs hold it now."""
 
     key: tuple
     env: dict[str, str]
     users: int = field(default=0, kw_only=True)
-    jobs: int = field(default=0, kw_only=True)
 
     def hold(self) -> None:
         """A job takes it (its processes count towards that job's memory)."""
         self.users += 1
-        self.jobs += 1
 
     def release(self) -> None:
         """The job is done with it; it stays up for the next one."""
