@@ -25,7 +25,7 @@ from typing import Any
 
 from pipeline.metrics import gate as g
 from pipeline.parity import token_parity
-from pipeline.records import JobResult
+from pipeline.records import JobResult, finished_jobs
 from pipeline.tracking.mlflow import RUN_ID_FILE, client_for, log_metrics, read_parent_id
 
 log = logging.getLogger(__name__)
@@ -99,19 +99,6 @@ def comparable_key(config: dict[str, Any]) -> str:
                     if k not in OPTIMIZATION_KEYS and k != "name"}
     c.pop("scoring", None)
     return json.dumps(c, sort_keys=True, default=str)
-
-
-def _read_jobs(sweep_dir: Path) -> list[tuple[Path, JobResult]]:
-    jobs = []
-    for f in sorted(sweep_dir.glob("*/results.json")):
-        try:
-            r = JobResult.from_dict(json.loads(f.read_text()))
-        except (OSError, json.JSONDecodeError, TypeError) as e:
-            log.warning("gate: skipping unreadable %s (%s)", f, e)
-            continue
-        if r.finished and r.config:
-            jobs.append((f.parent, r))
-    return jobs
 
 
 def find_pairs(jobs: list[tuple[Path, JobResult]], reference_run: str | None = None,
@@ -237,7 +224,7 @@ def sweep_gate(config: Any, sweep_dir: Path) -> dict[str, Any] | None:
     """The gate for every (baseline, optimized) pair of the sweep; writes gate.json and
     returns it, or None when the sweep has no such pair."""
     sweep_dir = Path(sweep_dir)
-    jobs = _read_jobs(sweep_dir)
+    jobs = finished_jobs(sweep_dir)
     scoring = config.get("scoring", {}) if hasattr(config, "get") else {}
     ref = scoring.get("reference_run")
     ref = None if ref in (None, "") else str(ref)

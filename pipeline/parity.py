@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.records import JobResult
+from pipeline.records import JobResult, finished_jobs
 from pipeline.tracking.mlflow import client_for, log_metrics, read_parent_id
 
 log = logging.getLogger(__name__)
@@ -91,16 +91,7 @@ def sweep_parity(sweep_dir: Path) -> dict[str, Any] | None:
     beam) only; sampled pairs are listed with ``deterministic: false``.
     """
     sweep_dir = Path(sweep_dir)
-    jobs = []
-    for f in sorted(sweep_dir.glob("*/results.json")):
-        try:
-            r = JobResult.from_dict(json.loads(f.read_text()))
-        except (OSError, json.JSONDecodeError, TypeError) as e:
-            log.warning("parity: skipping unreadable %s (%s)", f, e)
-            continue
-        if not r.finished or not r.config:
-            continue
-        jobs.append((f.parent, r))
+    jobs = finished_jobs(sweep_dir)
     groups: dict[str, list[tuple[Path, JobResult]]] = {}
     for job_dir, r in jobs:
         groups.setdefault(_without_backend(r.config), []).append((job_dir, r))

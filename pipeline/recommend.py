@@ -260,17 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from mlflow.exceptions import MlflowException
 
-    from pipeline.report.collect import ReportError, collect, find_parent, open_client
-    from pipeline.tracking.mlflow import default_store_uri, store_for_sweep_dir
+    from pipeline.report.collect import ReportError, collect_sweep
 
-    uri = args.tracking_uri
-    if uri is None and args.sweep_dir is not None:
-        uri = store_for_sweep_dir(args.sweep_dir)
-    uri = uri or default_store_uri(DEFAULT_OUTPUT_DIR)
     try:
-        client = open_client(uri)
-        pid = find_parent(client, run_id=args.parent_run, sweep_dir=args.sweep_dir)
-        data = collect(client, pid, uri)
+        _, data = collect_sweep(args.tracking_uri, sweep_dir=args.sweep_dir,
+                                run_id=args.parent_run, output_dir=DEFAULT_OUTPUT_DIR)
+        pid = data.parent_id
     except (ReportError, MlflowException) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 1

@@ -7,6 +7,7 @@ parity and the report read; ``to_dict``/``from_dict`` are the file format.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 
@@ -128,3 +129,21 @@ class JobResult:
         """Read a results.json dict; unknown keys (older or newer files) are ignored."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def finished_jobs(sweep_dir: Path) -> list[tuple[Path, JobResult]]:
+    """(job folder, result) of every FINISHED job of a sweep folder, in job order; an
+    unreadable results.json is skipped with a warning."""
+    import json
+    import logging
+
+    jobs = []
+    for f in sorted(Path(sweep_dir).glob("*/results.json")):
+        try:
+            r = JobResult.from_dict(json.loads(f.read_text()))
+        except (OSError, json.JSONDecodeError, TypeError) as e:
+            logging.getLogger(__name__).warning("skipping unreadable %s (%s)", f, e)
+            continue
+        if r.finished and r.config:
+            jobs.append((f.parent, r))
+    return jobs

@@ -6,14 +6,11 @@ from __future__ import annotations
 import ast
 import json
 import re
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import CACHE_DIR, ROOT, run_cli
+from tests.conftest import CACHE_DIR, ROOT, assert_refused_early, run_cli
 
 PIPELINE = ROOT / "pipeline"
 
@@ -157,31 +154,7 @@ NEW_USER_CASES = [
 
 
 def test_new_user_mistakes_are_refused_before_anything_loads() -> None:
-    script = textwrap.dedent(f"""
-        import json, sys
-        from hydra import compose, initialize_config_dir
-        from pipeline.config import register_configs
-        from pipeline.experiment import check_inputs
-        register_configs()
-        out = []
-        with initialize_config_dir(config_dir={str(ROOT / "conf")!r}, version_base="1.3"):
-            for overrides, _ in json.loads(sys.argv[1]):
-                try:
-                    check_inputs(compose(config_name="config", overrides=overrides))
-                    out.append(None)
-                except Exception as e:
-                    out.append(str(e))
-        print(json.dumps({{"messages": out, "torch": "torch" in sys.modules}}))
-    """)
-    p = subprocess.run([sys.executable, "-c", script, json.dumps(NEW_USER_CASES)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stderr
-    report = json.loads(p.stdout.strip().splitlines()[-1])
-    for (overrides, needle), msg in zip(NEW_USER_CASES, report["messages"], strict=True):
-        assert msg is not None, f"{overrides} was accepted"
-        assert needle in msg, (overrides, msg)
-        assert "\n" not in msg
-    assert not report["torch"]
+    assert_refused_early(NEW_USER_CASES)
 
 
 def test_cuda_without_cuda_exits_2_before_anything(tmp_path: Path) -> None:

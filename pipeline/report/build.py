@@ -13,12 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.report.collect import ReportError, SweepData, collect, find_parent, open_client
+from pipeline.report.collect import ReportError, SweepData, collect_sweep
 from pipeline.report.interactive import figures as interactive_figures
 from pipeline.report.plots import plot_images
 from pipeline.report.render import build_sections, render_html, render_markdown, ui_links
 from pipeline.report.tables import Table, build_tables
-from pipeline.tracking.mlflow import default_store_uri, store_for_sweep_dir
 
 DEFAULT_OUTPUT_DIR = Path("outputs")
 NOTE_MARKER = "<!-- infersweep-report -->"
@@ -105,17 +104,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from mlflow.exceptions import MlflowException
 
-    uri = args.tracking_uri
-    if uri is None and args.sweep_dir is not None:
-        uri = store_for_sweep_dir(args.sweep_dir)
-    uri = uri or default_store_uri(DEFAULT_OUTPUT_DIR)
     try:
-        client = open_client(uri)
-        pid = find_parent(client, run_id=args.run_id, sweep_dir=args.sweep_dir,
-                          experiment=args.experiment)
-        data = collect(client, pid, uri)
-        if not data.jobs:
-            raise ReportError(f"sweep parent run {pid} has no job runs")
+        client, data = collect_sweep(args.tracking_uri, sweep_dir=args.sweep_dir,
+                                     run_id=args.run_id, experiment=args.experiment,
+                                     output_dir=DEFAULT_OUTPUT_DIR)
     except (ReportError, MlflowException) as e:  # one line, not a traceback
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 1
@@ -128,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"report: {report.markdown}\n        {report.html}")
     if not args.no_log:
         art = log_report(client, data, report)
-        print(f"logged to MLflow parent run {pid}: {art}")
+        print(f"logged to MLflow parent run {data.parent_id}: {art}")
     links = ui_links(data)
     print(f"view in MLflow:\n  {links['command']}\n  then {links['compare runs']}")
     return 0

@@ -157,3 +157,24 @@ def collect(client: Any, parent_id: str, tracking_uri: str | None = None) -> Swe
         parent_tags=dict(parent.data.tags), jobs=jobs,
         parent_metrics=dict(parent.data.metrics),
     )
+
+
+def collect_sweep(tracking_uri: str | None = None, *, sweep_dir: Path | None = None,
+                  run_id: str | None = None, experiment: str | None = None,
+                  output_dir: Path = Path("outputs")) -> tuple[Any, SweepData]:
+    """Locate a sweep (its folder, its parent run id, or the latest of an experiment) and
+    collect it from MLflow; the store is ``tracking_uri``, else the one the sweep folder
+    names, else the default store under ``output_dir``. Returns the client and the data;
+    raises :class:`ReportError` (or MLflow's own errors) with a one-line message."""
+    from pipeline.tracking.mlflow import default_store_uri, store_for_sweep_dir
+
+    uri = tracking_uri
+    if uri is None and sweep_dir is not None:
+        uri = store_for_sweep_dir(sweep_dir)
+    uri = uri or default_store_uri(output_dir)
+    client = open_client(uri)
+    pid = find_parent(client, run_id=run_id, sweep_dir=sweep_dir, experiment=experiment)
+    data = collect(client, pid, uri)
+    if not data.jobs:
+        raise ReportError(f"sweep parent run {pid} has no job runs")
+    return client, data
