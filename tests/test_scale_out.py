@@ -256,7 +256,8 @@ def test_gpu_lock_is_freed_when_its_holder_is_killed(tmp_path: Path) -> None:
 def test_gpu_slot_reenters_and_releases(tmp_path: Path) -> None:
     from pipeline import placement
 
-    with placement.gpu_slot(None, lock_dir=tmp_path, gpus=["0"]) as ids:
+    # keep_engines=False: an engine another test module left cached must not keep the lock
+    with placement.gpu_slot(None, lock_dir=tmp_path, gpus=["0"], keep_engines=False) as ids:
         assert ids == ["0"]
         with placement.gpu_slot(None, lock_dir=tmp_path, gpus=["0"]):  # same process
             assert placement.held_locks() == [str(tmp_path / "gpu-0.lock")]

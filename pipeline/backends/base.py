@@ -74,7 +74,8 @@ class Backend(ABC):
 
     @classmethod
     def cached_engines(cls) -> int:
-        """Engines or servers this class keeps alive in this process between jobs."""
+        """Engines, servers or models this class keeps alive in this process between jobs
+        on a GPU (the per-GPU lock stays with this process while there are any)."""
         return 0
 
     @classmethod

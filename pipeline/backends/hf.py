@@ -267,7 +267,9 @@ class HFBackend(Backend):
 
     @classmethod
     def cached_engines(cls) -> int:
-        return len(_LOADED)
+        """Cached models that hold a GPU (a CPU model holds nothing a GPU lock guards)."""
+        return sum(1 for m, _ in _LOADED.values()
+                   if next(m.parameters()).device.type == "cuda")
 
     @classmethod
     def shutdown_cached(cls) -> int:
