@@ -124,3 +124,17 @@ def test_compile_cost_is_counted_per_job_and_shape(tmp_path) -> None:
                                 "compiled_graphs_after_warmup": 0.0}
     wider, reused = job(2)
     assert reused and wider["compiled_graphs"] > 0 and wider["compile_s"] > 0
+
+
+def test_cached_cpu_model_does_not_hold_a_gpu_lock(model_dir: str) -> None:
+    """A model kept for the next job counts towards the GPU lock only on a GPU."""
+    from pipeline.backends import cached_engines
+
+    with HFBackend(model_dir, ModelConfig(device="cpu"), HFBackendConfig(), seed=0) as b:
+        assert b.model is not None
+    assert HFBackend.shutdown_cached() >= 0  # callable, whatever is cached
+    with HFBackend(model_dir, ModelConfig(device="cpu"), HFBackendConfig(), seed=0):
+        pass
+    assert HFBackend.cached_engines() == 0 and cached_engines() >= 0
+    with HFBackend(model_dir, ModelConfig(device="cpu"), HFBackendConfig(), seed=0) as again:
+        assert again.model_reused  # still cached for the next job, just not on a GPU

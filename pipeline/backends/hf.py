@@ -109,7 +109,7 @@ def check_attention(attn: str, device: str) -> None:
 # (a sweep over decoding, batch or workload reloads nothing; compiled graphs live on the
 # model object, so a compiled model is reused with them). One only: an idle model of other
 # settings would sit in this process's memory and inflate the next job's peak RSS.
-_LOADED: dict[tuple, tuple[Any, Any]] = {}
+_LOADED: dict[tuple, tuple[Any, Any, int]] = {}
 
 
 class _StepClock:
@@ -268,7 +268,7 @@ class HFBackend(Backend):
     @classmethod
     def cached_engines(cls) -> int:
         """Cached models that hold a GPU (a CPU model holds nothing a GPU lock guards)."""
-        return sum(1 for m, _ in _LOADED.values()
+        return sum(1 for m, *_ in _LOADED.values()
                    if next(m.parameters()).device.type == "cuda")
 
     @classmethod
