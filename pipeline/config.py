@@ -154,6 +154,10 @@ class TrackingConfig:
     uri: str | None = None
     experiment: str = "infersweep"
     log_generations: bool = True
+    #: ``resume=true`` takes over a RUNNING parent run even when its owner (tags
+    #: ``infersweep.owner_host``/``owner_pid``) may still be running: its pid is alive here
+    #: (perhaps reused) or it ran on another host, which cannot be checked
+    force_takeover: bool = False
 
 
 @dataclass

@@ -428,6 +428,8 @@ def _track(spec: Config, results: JobResult, job_dir: Path, sweep_dir: Path | No
 
 
 def _print_summary(results: JobResult, spec: Config) -> None:
+    """The job's table, what was applied and where to see its MLflow run: the UI command
+    and the run's own page in that UI."""
     from pipeline import tracking
 
     row = {"status": results.status, "metrics": results.metrics}
@@ -437,6 +439,11 @@ def _print_summary(results: JobResult, spec: Config) -> None:
     if applied:
         print("applied: " + ", ".join(f"{k}={v}" for k, v in applied.items()))
     if spec.tracking.enabled and results.mlflow_run_id:
+        uri = tracking.tracking_uri(spec)
+        try:  # the run's URL needs its experiment's id
+            exp_id: str | None = tracking.client_for(spec)[1]
+        except Exception:  # the store just took the run; if it fails now, the command
+            exp_id = None  # alone is printed
         print(f"MLflow run {results.mlflow_run_id}; view with:\n  "
-              f"{tracking.ui_command(tracking.tracking_uri(spec))}")
+              f"{tracking.ui_hint(uri, exp_id, run_id=results.mlflow_run_id)}")
     sys.stdout.flush()

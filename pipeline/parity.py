@@ -36,7 +36,9 @@ def token_parity(a_records: list[dict], b_records: list[dict]) -> dict[str, Any]
     """Compare the generated token ids of two jobs' ``requests`` lists, prompt by prompt.
 
     Records are matched by ``index``. A prompt missing from either side, or failed on
-    either side, counts as compared and not matching (first divergence 0). Returns
+    either side, counts as compared and not matching (first divergence 0); so does one
+    whose token ids are missing where text was generated (a server that sends text only:
+    equal empty id lists would otherwise read as a match of nothing). Returns
     ``prompts`` (per index: ``exact_match``, ``first_divergence``, token counts),
     ``num_prompts``, ``exact_matches`` and ``exact_match_rate`` (``None`` with no prompts).
     """
@@ -49,6 +51,9 @@ def token_parity(a_records: list[dict], b_records: list[dict]) -> dict[str, Any]
         if ra is None or rb is None or ra.get("error") or rb.get("error"):
             row.update(exact_match=False, first_divergence=0,
                        note="missing or failed on one side")
+        elif any(not r.get("output_token_ids") and r.get("text") for r in (ra, rb)):
+            row.update(exact_match=False, first_divergence=0,
+                       note="text without token ids on one side: nothing to compare")
         else:
             ta, tb = list(ra["output_token_ids"]), list(rb["output_token_ids"])
             div = first_divergence(ta, tb)

@@ -40,6 +40,26 @@ def test_perplexity_and_deltas() -> None:
         "ref_f1": pytest.approx(-0.1)}
 
 
+def test_scored_request_count_is_not_a_task_metric() -> None:
+    # one failed request in the optimized job leaves one reference unscored: a count, not
+    # a quality drop, so token-identical jobs stay equivalent
+    base = {"ref_exact_match": 0.5, "ref_scored_requests": 8.0}
+    opt = {"ref_exact_match": 0.5, "ref_scored_requests": 7.0}
+    deltas = g.task_metric_deltas(base, opt)
+    assert deltas == {"ref_exact_match": 0.0}
+    assert g.verdict(1.0, 0.0, 0.0, deltas)[0] == "equivalent"
+
+
+def test_bleu_and_chrf_drops_are_judged_on_a_0_1_scale() -> None:
+    # chrF and BLEU are 0..100: a 0.03-point drop is noise, a 5-point drop is not
+    small = g.task_metric_deltas({"ref_chrf": 14.82}, {"ref_chrf": 14.79})
+    assert g.verdict(1.0, 0.0, 0.0, small)[0] == "equivalent"
+    big = g.task_metric_deltas({"ref_bleu": 30.0, "ref_f1": 0.5}, {"ref_bleu": 25.0,
+                                                                   "ref_f1": 0.49})
+    v, why = g.verdict(1.0, 0.0, 0.0, big)
+    assert v == "degraded" and why.startswith("ref_bleu fell by 5.000")
+
+
 @pytest.mark.parametrize(("em", "kl", "ppl", "tasks", "informative", "want"), [
     (1.0, None, None, None, True, "equivalent"),
     (0.5, T["equivalent_max_kl"] / 2, 0.0, None, True, "equivalent"),

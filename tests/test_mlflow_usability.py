@@ -107,6 +107,35 @@ def test_ui_hint_links_the_sweeps_runs_and_compare_page() -> None:
     assert trk.ui_hint("http://srv:5000/", "7").endswith("http://srv:5000/#/experiments/7/runs")
 
 
+def test_plain_run_prints_the_url_of_its_run_page(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """After a plain run the summary names the run's own page in the MLflow UI, with the
+    real experiment and run ids, in the route MLflow 3.17's UI bundle defines."""
+    import mlflow
+
+    from pipeline.experiment import _print_summary
+
+    cfg = _cfg(tmp_path, None)
+    result = _result()
+    result.job_num = None  # a plain run: no sweep, no job number
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    result.mlflow_run_id = trk.log_job(cfg, result, job_dir, None, {})
+    _print_summary(result, cfg)  # type: ignore[arg-type]  # reads tracking.* and paths.*
+    out = capsys.readouterr().out
+    client, exp_id = trk.client_for(cfg)
+    assert exp_id != "0"  # the job's experiment, not MLflow's Default
+    assert client.get_run(result.mlflow_run_id).info.experiment_id == exp_id
+    url = f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs/{result.mlflow_run_id}"
+    assert url in out.split()
+    assert trk.run_url(trk.tracking_uri(cfg), exp_id, result.mlflow_run_id) == url
+    assert "mlflow ui --backend-store-uri sqlite:///" in out
+    # the hash route of the installed UI (its Routes.runPage), so a renamed route fails here
+    bundle = Path(mlflow.__file__).parent / "server" / "js" / "build" / "static" / "js"
+    assert any("/experiments/:experimentId/runs/:runUuid" in f.read_text(errors="ignore")
+               for f in bundle.glob("main.*.js"))
+
+
 @pytest.mark.slow
 def test_sweep_job_run_is_named_by_preset_and_lasts_as_long_as_the_job(
         tmp_path: Path, model_dir: str) -> None:

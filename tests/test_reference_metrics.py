@@ -147,6 +147,28 @@ def test_sandbox_memory_hog_is_killed_by_the_limit() -> None:
     assert code_exec.run_sandboxed(grow, timeout_s=10, memory_mb=256).status == "memory"
 
 
+def test_sandbox_output_flood_does_not_fill_the_parent() -> None:
+    # a program that floods stderr until it is killed must not make the pipeline hold
+    # what it wrote (through a pipe that was gigabytes within a second); measured in a
+    # fresh interpreter so its peak RSS is the sandbox call's alone
+    import subprocess
+    import sys
+
+    prog = ("import sys\nb = 'x' * (1 << 20)\nwhile True:\n    sys.stderr.write(b)\n")
+    # VmHWM: this interpreter's own peak (ru_maxrss would carry the forking parent's)
+    driver = ("from pipeline.metrics import code_exec\n"
+              f"r = code_exec.run_sandboxed({prog!r}, timeout_s=1.5)\n"
+              "hwm = next(int(line.split()[1]) for line in open('/proc/self/status')"
+              " if line.startswith('VmHWM:'))\n"
+              "print(r.status, len(r.detail), hwm // 1024)\n")
+    out = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True,
+                         timeout=60, check=True, cwd=Path(__file__).resolve().parents[1])
+    status, detail_chars, peak_mib = out.stdout.split()
+    assert status in ("failed", "timeout")  # the file-size limit or the clock ends it
+    assert int(detail_chars) <= 2000
+    assert int(peak_mib) < 256, f"parent peaked at {peak_mib} MiB"
+
+
 def test_sandbox_sees_no_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("INFERSWEEP_FAKE_SECRET", "s3cr3t-value")
     monkeypatch.setenv("HF_TOKEN", "hf_fake")
@@ -284,3 +306,25 @@ def test_sandbox_drops_root(tmp_path: Path) -> None:
             f"open({str(target)!r}, 'w').write('x')\n")
     r = code_exec.run_sandboxed(prog, timeout_s=10)
     assert r.status == "failed" and not target.exists()
+
+
+def test_interpreter_behind_a_private_folder_is_not_reachable() -> None:
+    # a venv in a root-only folder: bin/python links to a world-executable system Python,
+    # but user nobody cannot pass the folder to reach the link
+    import shutil
+    import tempfile
+
+    target = os.path.realpath(shutil.which("sh") or "/bin/sh")
+    assert code_exec._reachable_by_others(target)
+    base = Path(tempfile.mkdtemp(prefix="infersweep-reach-"))  # pytest's tmp_path is 0700
+    try:
+        base.chmod(0o755)
+        private = base / "private"
+        (private / "bin").mkdir(parents=True)
+        link = private / "bin" / "python"
+        link.symlink_to(target)
+        assert code_exec._reachable_by_others(str(link))
+        private.chmod(0o700)
+        assert not code_exec._reachable_by_others(str(link))
+    finally:
+        shutil.rmtree(base)

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -108,7 +109,7 @@ def test_tables_from_synthetic_sweep() -> None:
     assert "19.5 ± 1.2" in md  # mean over repeats ± 95% CI
     assert "python run.py -m decoding=greedy,topp workload.num_prompts=3" in md
     assert "--host 127.0.0.1 --workers 1" in md
-    assert '#/compare-runs?runs=["run0","run1","run2"]&experiments=["1"]' in md
+    assert '#/compare-runs?runs=["run0","run1","run2"]&experiments=["1"]' in unquote(md)
     images = plots.plot_images(data, t)
     assert all(png.startswith(b"\x89PNG") for png in images.values())
     page = render.render_html(data, sections, images)

@@ -291,6 +291,11 @@ def test_token_parity_on_hand_made_records() -> None:
     assert out["exact_match_rate"] == 0.25
     assert first_divergence([], []) is None
     assert token_parity([], [])["exact_match_rate"] is None
+    # text without token ids (a server that sends none) is not a match of nothing
+    no_ids = [{"index": 0, "output_token_ids": [], "text": "hello", "error": None}]
+    assert token_parity(no_ids, no_ids)["exact_matches"] == 0
+    empty = [{"index": 0, "output_token_ids": [], "text": "", "error": None}]
+    assert token_parity(empty, empty)["exact_matches"] == 1  # both generated nothing
 
 
 def test_sweep_parity_pairs_only_jobs_differing_in_backend(tmp_path: Path) -> None:

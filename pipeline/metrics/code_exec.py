@@ -31,6 +31,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 #: the defaults: enough for the shipped tasks' tests, far below what could hurt the machine
 DEFAULT_TIMEOUT_S = 10.0
@@ -80,15 +81,18 @@ os.execv(sys.executable, [sys.executable, "-I", "-B", sys.argv[3]])
 
 
 def _reachable_by_others(path: str) -> bool:
-    """Whether a user with no privileges can run ``path``: every folder above it is
-    searchable and the file readable and executable by others."""
+    """Whether a user with no privileges can run ``path``: every folder above it, and
+    above the file it links to, is searchable and the file readable and executable by
+    others (a venv's ``bin/python`` in a root-only folder links to a reachable system
+    Python, yet cannot be run through the link)."""
     import stat
 
+    given = Path(os.path.abspath(path))
     p = Path(os.path.realpath(path))
     try:
         if (p.stat().st_mode & (stat.S_IROTH | stat.S_IXOTH)) != (stat.S_IROTH | stat.S_IXOTH):
             return False
-        return all(d.stat().st_mode & stat.S_IXOTH for d in p.parents)
+        return all(d.stat().st_mode & stat.S_IXOTH for d in (*given.parents, *p.parents))
     except OSError:
         return False
 
@@ -129,23 +133,27 @@ def run_sandboxed(program: str, timeout_s: float = DEFAULT_TIMEOUT_S,
             os.chown(work, drop_to, drop_to)
             os.chown(script, drop_to, drop_to)
             who = {"user": drop_to, "group": drop_to, "extra_groups": []}
-        try:
-            python = interpreter(drop_to is not None)
-            proc = subprocess.Popen(
-                [python, "-I", "-B", "-c", _BOOTSTRAP, str(memory_mb * 2**20), str(cpu),
-                 str(script)], cwd=work, env=minimal_env(work),
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                start_new_session=True, close_fds=True, **who,
-            )
-        except (OSError, RuntimeError) as e:
-            return ExecResult("error", None, f"could not start: {e}")
-        try:
-            _, err = proc.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            proc.communicate()
-            return ExecResult("timeout", proc.returncode, f"killed after {timeout_s:g} s")
-        tail = err.decode("utf-8", "replace")[-2000:]
+        # stderr goes to an unlinked file, never a pipe: the child's RLIMIT_FSIZE bounds
+        # it, while a pipe read by communicate() would hold everything the program writes
+        # in this process (a print loop: gigabytes within the timeout)
+        with tempfile.TemporaryFile() as errf:
+            try:
+                python = interpreter(drop_to is not None)
+                proc = subprocess.Popen(
+                    [python, "-I", "-B", "-c", _BOOTSTRAP, str(memory_mb * 2**20), str(cpu),
+                     str(script)], cwd=work, env=minimal_env(work),
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errf,
+                    start_new_session=True, close_fds=True, **who,
+                )
+            except (OSError, RuntimeError) as e:
+                return ExecResult("error", None, f"could not start: {e}")
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                _kill_group(proc)
+                proc.wait()
+                return ExecResult("timeout", proc.returncode, f"killed after {timeout_s:g} s")
+            tail = _tail(errf)
         rc = proc.returncode
         if rc == 0:
             return ExecResult("passed", rc, tail)
@@ -154,6 +162,14 @@ def run_sandboxed(program: str, timeout_s: float = DEFAULT_TIMEOUT_S,
         if "MemoryError" in tail:
             return ExecResult("memory", rc, tail)
         return ExecResult("failed", rc, tail)
+
+
+def _tail(f: Any, chars: int = 2000) -> str:
+    """The last ``chars`` characters of what the child wrote to ``f`` (read from the end:
+    never more than a few KiB into memory)."""
+    size = f.seek(0, os.SEEK_END)
+    f.seek(max(0, size - 4 * chars))
+    return f.read().decode("utf-8", "replace")[-chars:]
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

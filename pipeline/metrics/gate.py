@@ -18,7 +18,7 @@ Verdicts (thresholds in :data:`THRESHOLDS`, the only place they are stated):
 - ``numerics``: KL below ``numerics_max_kl`` and |perplexity delta| below
   ``numerics_max_ppl_delta``: rounding-level differences that flip near-tied argmaxes;
 - ``degraded``: anything else, or a task metric that fell by more than
-  ``max_task_metric_drop``;
+  ``max_task_metric_drop`` on its 0..1 scale (BLEU and chrF, 0..100, are divided by 100);
 - ``unverified``: tokens differ and neither KL nor a perplexity delta could be measured.
 
 Where the KL is not informative (the optimization leaves the model's computation unchanged:
@@ -32,7 +32,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-#: verdict thresholds (nats per token for KL; relative for perplexity and task metrics)
+#: verdict thresholds (nats per token for KL; relative for perplexity; absolute for task
+#: metrics on their 0..1 scale, see :data:`TASK_METRIC_SCALE`)
 THRESHOLDS: dict[str, float] = {
     "equivalent_max_kl": 1e-6,
     "numerics_max_kl": 1e-2,
@@ -41,6 +42,12 @@ THRESHOLDS: dict[str, float] = {
 }
 
 VERDICTS = ("equivalent", "numerics", "degraded", "unverified")
+
+#: ``ref_*`` metrics that are not on a 0..1 scale: the full scale a drop is divided by
+#: before it is held against ``max_task_metric_drop`` (sacrebleu BLEU and chrF are 0..100)
+TASK_METRIC_SCALE: dict[str, float] = {"ref_bleu": 100.0, "ref_chrf": 100.0}
+#: ``ref_*`` keys that are counts, not task metrics (how many requests were scored)
+NOT_TASK_METRICS = ("ref_scored_requests",)
 
 
 def kl_divergence(p: Sequence[float], q: Sequence[float]) -> float:
@@ -90,10 +97,10 @@ def relative_delta(base: float | None, new: float | None) -> float | None:
 
 def task_metric_deltas(base: Mapping[str, float], opt: Mapping[str, float],
                        prefix: str = "ref_") -> dict[str, float]:
-    """Optimized minus baseline for every ``ref_*`` metric both jobs have (absolute: task
-    metrics are rates in 0..1)."""
+    """Optimized minus baseline for every ``ref_*`` metric both jobs have (absolute, in the
+    metric's own units; counts such as ``ref_scored_requests`` are not task metrics)."""
     return {k: float(opt[k]) - float(base[k]) for k in sorted(base)
-            if k.startswith(prefix) and k in opt
+            if k.startswith(prefix) and k in opt and k not in NOT_TASK_METRICS
             and isinstance(base[k], int | float) and isinstance(opt[k], int | float)}
 
 
@@ -103,9 +110,11 @@ def verdict(exact_match_rate: float | None, mean_kl: float | None,
             thresholds: Mapping[str, float] = THRESHOLDS) -> tuple[str, str]:
     """The verdict and a one-line reason (module docstring: the rules)."""
     t = thresholds
-    drops = {k: v for k, v in (task_deltas or {}).items() if v < -t["max_task_metric_drop"]}
+    # a drop is judged on the metric's 0..1 scale (BLEU/chrF: 0..100, divided by 100)
+    drops = {k: v for k, v in (task_deltas or {}).items()
+             if v / TASK_METRIC_SCALE.get(k, 1.0) < -t["max_task_metric_drop"]}
     if drops:
-        worst = min(drops, key=lambda k: drops[k])
+        worst = min(drops, key=lambda k: drops[k] / TASK_METRIC_SCALE.get(k, 1.0))
         return "degraded", f"{worst} fell by {-drops[worst]:.3f}"
     if exact_match_rate == 1.0:
         return "equivalent", "every prompt token-identical"

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import re
 import shlex
-import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,9 +22,8 @@ from pipeline.report.interactive import figure_html
 from pipeline.report.lengths import LENGTH_WORDS, scaling_images
 from pipeline.report.plots import CAPTIONS
 from pipeline.report.tables import Table, display_tables
-from pipeline.tracking.mlflow import FLAT_ORDER, ui_command
+from pipeline.tracking.mlflow import compare_url, run_url, runs_url, ui_command
 
-UI_BASE = "http://127.0.0.1:5000"
 # The headline picks: metric and the words for its best job.
 HEADLINE_PICKS = (("output_tokens_per_s", "highest output tok/s"),
                   ("e2el_ms_mean", "lowest mean E2EL"),
@@ -51,23 +48,17 @@ def reproduce_command(data: SweepData) -> str:
 
 
 def ui_links(data: SweepData) -> dict[str, str]:
-    """The MLflow UI command for the store and this sweep's pages in it."""
-    uri = data.tracking_uri
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI_BASE
-    ids = [j.run_id for j in data.jobs]  # the jobs: the parent holds only a summary
-    filt = urllib.parse.quote(f"tags.mlflow.parentRunId = '{data.parent_id}'")
-    compact = {"separators": (",", ":")}
+    """The MLflow UI command for the store and this sweep's pages in it (the URLs are the
+    tracking package's, the same ones a sweep prints when it ends)."""
+    uri, exp = data.tracking_uri, data.experiment_id
     return {
         "command": ui_command(uri),
         # /runs: MLflow 3 opens an experiment on its GenAI overview, not the runs table
-        "experiment runs": f"{base}/#/experiments/{data.experiment_id}/runs",
-        # ordered by run name: with the default (start time) order MLflow's UI nests the
-        # children under their collapsed parent row, so the filtered page shows one row
-        "sweep runs": (f"{base}/#/experiments/{data.experiment_id}/runs?searchFilter={filt}"
-                       f"{FLAT_ORDER}"),
-        "parent run": f"{base}/#/experiments/{data.experiment_id}/runs/{data.parent_id}",
-        "compare runs": (f"{base}/#/compare-runs?runs={json.dumps(ids, **compact)}"
-                         f"&experiments={json.dumps([data.experiment_id], **compact)}"),
+        "experiment runs": runs_url(uri, exp),
+        "sweep runs": runs_url(uri, exp, data.parent_id),
+        "parent run": run_url(uri, exp, data.parent_id),
+        # the jobs: the parent holds only a summary
+        "compare runs": compare_url(uri, exp, [j.run_id for j in data.jobs]),
     }
 
 

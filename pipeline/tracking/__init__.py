@@ -18,6 +18,7 @@ from pipeline.tracking.mlflow import (
     log_job,
     log_metrics,
     read_parent_id,
+    run_url,
     runs_url,
     sqlite_artifact_root,
     store_paths,
@@ -30,5 +31,6 @@ from pipeline.tracking.table import format_table
 __all__ = [
     "PARENT_ID_FILE", "RUN_ID_FILE", "TrackingUnavailable", "client_for", "default_store_uri",
     "find_finished", "format_table", "log_job", "log_metrics", "read_parent_id", "store_paths",
-    "tracking_uri", "ui_command", "ui_hint", "runs_url", "compare_url", "sqlite_artifact_root",
+    "tracking_uri", "ui_command", "ui_hint", "runs_url", "run_url", "compare_url",
+    "sqlite_artifact_root",
 ]

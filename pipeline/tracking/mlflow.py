@@ -11,7 +11,10 @@ the jobs, the sweep callback, ``sync`` and the report all ask it.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+import socket
 import time
 import urllib.error
 import urllib.parse
@@ -20,7 +23,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import ConfigError
 from pipeline.records import JobResult
+
+log = logging.getLogger(__name__)
 
 PARENT_ID_FILE = "mlflow_parent_run_id"
 RUN_ID_FILE = "mlflow_run_id"
@@ -31,6 +37,15 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 #: the address ``mlflow ui`` serves on by default (see :func:`ui_command`)
 LOCAL_UI = "http://127.0.0.1:5000"
+#: on a sweep's parent run: the host and pid of the sweep process that owns it (written at
+#: sweep start and on take-over), so ``resume=true`` can tell a killed sweep from a live one
+OWNER_HOST_TAG = "infersweep.owner_host"
+OWNER_PID_TAG = "infersweep.owner_pid"
+#: on a job run a resumed sweep re-ran: the id of the run that replaced it (it is then
+#: soft-deleted, restorable with ``MlflowClient.restore_run``)
+SUPERSEDED_TAG = "infersweep.superseded_by"
+#: on a job run: the job's number in its sweep (Hydra's ``job.num``)
+JOB_NUM_TAG = "job_num"
 #: the config groups whose chosen preset names a run (``<job>-<backend>-<decoding>-<workload>``)
 NAME_GROUPS = ("backend", "decoding", "workload")
 
@@ -122,6 +137,12 @@ def runs_url(uri: str, exp_id: str, parent_run_id: str | None = None, flat: bool
     return url
 
 
+def run_url(uri: str, exp_id: str, run_id: str) -> str:
+    """One run's page (MLflow 3's hash route ``#/experiments/<id>/runs/<run id>``, its
+    ``Routes.runPage``)."""
+    return f"{ui_base(uri)}/#/experiments/{exp_id}/runs/{run_id}"
+
+
 def compare_url(uri: str, exp_id: str, run_ids: list[str]) -> str:
     """MLflow's compare page for these runs (``#/compare-runs?runs=[..]&experiments=[..]``,
     the format of MLflow 3's ``Routes.getCompareRunPageRoute``)."""
@@ -131,11 +152,14 @@ def compare_url(uri: str, exp_id: str, run_ids: list[str]) -> str:
 
 
 def ui_hint(uri: str, exp_id: str | None = None, parent_run_id: str | None = None,
-            run_ids: list[str] | None = None) -> str:
+            run_ids: list[str] | None = None, run_id: str | None = None) -> str:
     """What to print after a run or sweep: the UI command, then (when the experiment is
-    known) the sweep's runs page and the compare page of its runs."""
+    known) the run's own page (``run_id``, a plain run), the runs page (the sweep's, with
+    ``parent_run_id``) and the compare page of the sweep's runs."""
     lines = [ui_command(uri)]
     if exp_id is not None:
+        if run_id:
+            lines.append(f"run:     {run_url(uri, exp_id, run_id)}")
         lines.append(f"runs:    {runs_url(uri, exp_id, parent_run_id)}")
         if run_ids and len(run_ids) > 1:
             lines.append(f"compare: {compare_url(uri, exp_id, run_ids)}")
@@ -238,6 +262,8 @@ def run_tags(result: JobResult) -> dict[str, str]:
     tags.update({f"preset.{k}": v for k, v in result.choices.items()})
     if result.applied.get("dtype") is not None:
         tags["applied.dtype"] = str(result.applied["dtype"])
+    if result.job_num is not None:
+        tags[JOB_NUM_TAG] = str(result.job_num)
     return tags
 
 
@@ -307,7 +333,49 @@ def log_job(cfg: Any, result: JobResult | Mapping[str, Any], job_dir: Path,
         raise
     # marks the job as logged, so `python -m pipeline.tracking.sync` does not log it twice
     (job_dir / RUN_ID_FILE).write_text(run_id)
+    if parent_run_id and result.job_num is not None:
+        # only now: the earlier attempt is hidden once its replacement is complete
+        supersede_earlier(client, exp_id, parent_run_id, run_id, result)
     return run_id
+
+
+def job_number(run: Any) -> int | None:
+    """A job run's number in its sweep: its ``job_num`` tag, or for runs logged before
+    that tag existed the leading number of its name (``<job>-<backend>-...``)."""
+    tag = run.data.tags.get(JOB_NUM_TAG) or (run.info.run_name or "").partition("-")[0]
+    return int(tag) if tag.isdigit() else None
+
+
+def supersede_earlier(client: Any, exp_id: str, parent_run_id: str, run_id: str,
+                      result: JobResult) -> list[str]:
+    """Soft-delete the earlier attempts of this job under the same parent, so a taken-over
+    parent (``resume=true``) lists one child per job: the newest.
+
+    "The same job" is what resume already goes by: the parent (the same sweep, by
+    :func:`sweep_key`), the job number within it (same overrides, same expansion order)
+    and the ``config_hash``. Each earlier run is tagged ``infersweep.superseded_by=<run
+    id>`` and deleted with MLflow's own ``delete_run`` (restorable: ``mlflow runs
+    restore``); one left RUNNING by a kill is marked KILLED first. Never raises (the new
+    run is already logged); returns the ids superseded."""
+    from mlflow.entities import ViewType
+
+    done: list[str] = []
+    try:
+        runs = client.search_runs(
+            [exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and "
+                                    f"tags.config_hash = '{result.config_hash}'",
+            run_view_type=ViewType.ACTIVE_ONLY, max_results=1000)
+        for old in runs:
+            if old.info.run_id == run_id or job_number(old) != result.job_num:
+                continue
+            client.set_tag(old.info.run_id, SUPERSEDED_TAG, run_id)
+            if old.info.status == "RUNNING":
+                client.set_terminated(old.info.run_id, "KILLED")
+            client.delete_run(old.info.run_id)
+            done.append(old.info.run_id)
+    except Exception as e:  # a leftover duplicate is untidy, not lost data
+        log.warning("could not supersede the earlier runs of job %s: %s", result.job_num, e)
+    return done
 
 
 def find_finished(cfg: Any, chash: str) -> dict[str, Any] | None:
@@ -333,17 +401,79 @@ def open_parent(client: Any, exp_id: str, sweep_dir: Path, tags: Mapping[str, st
     return str(run.info.run_id)
 
 
+class SweepStillOwned(ConfigError):
+    """``resume=true`` found the sweep's parent run owned by a sweep that may still run;
+    ``run.py`` exits 2 on it, like on any input it refuses."""
+
+
+def owner_tags() -> dict[str, str]:
+    """The parent-run tags naming this process as the sweep's owner."""
+    return {OWNER_HOST_TAG: socket.gethostname(), OWNER_PID_TAG: str(os.getpid())}
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (signal 0 checks, sends
+    nothing). A heuristic: the kernel reuses pids, so a long-dead sweep's pid may now be
+    another process's, and an unreaped zombie still counts as alive."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, but belongs to another user
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def check_owner(run: Any, force: bool = False) -> None:
+    """Refuse to take over a parent run whose owning sweep may still be running: its owner
+    pid is alive on this host, or it ran on another host (whose processes cannot be
+    checked from here). ``force`` (``tracking.force_takeover=true``) skips the check. A
+    parent without owner tags (a sweep from before they existed) is taken over as before.
+    Raises :class:`SweepStillOwned`."""
+    tags = run.data.tags
+    host, pid = tags.get(OWNER_HOST_TAG), tags.get(OWNER_PID_TAG)
+    if force or not host or not pid or not pid.isdigit():
+        return
+    rid = run.info.run_id
+    if host == socket.gethostname():
+        # our own pid can only be a reused one: this process did not start that sweep
+        if int(pid) != os.getpid() and pid_alive(int(pid)):
+            raise SweepStillOwned(
+                f"resume=true: the sweep's MLflow parent run {rid} belongs to process {pid} "
+                f"on this host, which is still alive; let that sweep finish or stop it "
+                f"(kill {pid}) and rerun; if pid {pid} is not that sweep (pids are reused), "
+                f"rerun with tracking.force_takeover=true")
+        return
+    raise SweepStillOwned(
+        f"resume=true: the sweep's MLflow parent run {rid} belongs to process {pid} on host "
+        f"{host}, which cannot be checked from {socket.gethostname()}; if that sweep is no "
+        f"longer running, rerun with tracking.force_takeover=true")
+
+
+#: overrides that say how to resume, not what the sweep runs (left out of :func:`sweep_key`)
+RESUME_KEYS = ("resume=", "tracking.force_takeover=")
+
+
 def sweep_key(overrides: list[str]) -> str:
-    """What makes two sweeps the same sweep: their overrides, ``resume=`` left out and in
-    a fixed order (a resumed sweep adds ``resume=true`` to the killed one's command)."""
-    return " ".join(sorted(o for o in overrides if not o.lstrip("+~").startswith("resume=")))
+    """What makes two sweeps the same sweep: their overrides, in a fixed order and without
+    :data:`RESUME_KEYS` (a resumed sweep adds ``resume=true``, perhaps
+    ``tracking.force_takeover=true``, to the killed one's command)."""
+    return " ".join(sorted(o for o in overrides
+                           if not o.lstrip("+~").startswith(RESUME_KEYS)))
 
 
-def take_over_parent(client: Any, exp_id: str, sweep_dir: Path, key: str) -> str | None:
+def take_over_parent(client: Any, exp_id: str, sweep_dir: Path, key: str,
+                     force: bool = False) -> str | None:
     """With ``resume=true``: the newest parent run left RUNNING by a killed sweep with the
     same :func:`sweep_key` becomes this sweep's parent (its id written to
-    ``<sweep_dir>/mlflow_parent_run_id``); older ones left RUNNING are marked KILLED.
-    None when there is none."""
+    ``<sweep_dir>/mlflow_parent_run_id``, its owner tags now naming this process); older
+    ones left RUNNING are marked KILLED. None when there is none. Raises
+    :class:`SweepStillOwned`, before changing anything, when one of them may still belong
+    to a live sweep (:func:`check_owner`; ``force`` skips that check)."""
     runs = client.search_runs(
         [exp_id], filter_string="tags.kind = 'sweep' and attributes.status = 'RUNNING'",
         order_by=["attributes.start_time DESC"], max_results=100)
@@ -351,12 +481,13 @@ def take_over_parent(client: Any, exp_id: str, sweep_dir: Path, key: str) -> str
             and r.data.tags.get("sweep_dir") != str(sweep_dir.resolve())]
     if not same:
         return None
+    for candidate in same:  # all of them: the older ones would be marked KILLED
+        check_owner(candidate, force)
     for old in same[1:]:
         client.set_terminated(old.info.run_id, "KILLED")
     run = same[0]
-    client.set_tag(run.info.run_id, "resumed_sweep_dirs",
-                   " ".join(filter(None, [run.data.tags.get("resumed_sweep_dirs"),
-                                          str(sweep_dir.resolve())])))
+    log_metrics(client, run.info.run_id, tags={**owner_tags(), "resumed_sweep_dirs": " ".join(
+        filter(None, [run.data.tags.get("resumed_sweep_dirs"), str(sweep_dir.resolve())]))})
     (sweep_dir / PARENT_ID_FILE).write_text(run.info.run_id)
     return str(run.info.run_id)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,12 @@ from pipeline.records import JobResult
 from pipeline.report.catalog import HEADLINE
 from pipeline.tracking.mlflow import (
     RUN_ID_FILE,
+    SweepStillOwned,
     client_for,
     log_job,
     log_metrics,
     open_parent,
+    owner_tags,
     read_parent_id,
     sweep_key,
     take_over_parent,
@@ -43,7 +46,9 @@ class SweepCallback(Callback):
         self.t_start = time.perf_counter()
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        """Open the parent run, so that every job (in any process) can attach to it."""
+        """Open the parent run (tagged with this process as its owner), so that every job
+        (in any process) can attach to it. With ``resume=true`` a killed sweep's parent is
+        taken over instead; one a live sweep may still own ends the sweep here (exit 2)."""
         self.t_start = time.perf_counter()
         if not config.tracking.enabled or config.dry_run:
             return
@@ -53,16 +58,25 @@ class SweepCallback(Callback):
         try:
             client, exp_id = client_for(config)
             if config.resume:  # continue the killed sweep's parent run, if any
-                parent = take_over_parent(client, exp_id, sweep_dir, sweep_key(overrides))
+                force = bool(config.tracking.get("force_takeover", False))
+                parent = take_over_parent(client, exp_id, sweep_dir, sweep_key(overrides),
+                                          force=force)
                 if parent is not None:
                     log.info("resume: continuing the sweep's MLflow parent run %s", parent)
                     return
             open_parent(client, exp_id, sweep_dir, {
+                **owner_tags(),
                 "hydra_overrides": " ".join(overrides),
                 "sweep_key": sweep_key(overrides),
                 "command": provenance.command_line(),
                 "git_commit": provenance.git_commit(),
             })
+        except SweepStillOwned as e:
+            # before any job: two sweeps writing one parent would interleave their children.
+            # Hydra lets BaseException through its callback wrapper (on_multirun_end
+            # leaves the same way); exit 2 as run.py does for input it refuses
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from e
         except Exception as e:  # tracking must never cost the measurements
             log.warning("could not open the sweep's MLflow parent run: %s", e)
 
