@@ -23,20 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-
-def cpu_flags() -> str:
-    """The flags that decide bf16 speed on a CPU (avx512_bf16, amx), and the model name."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return "lscpu unavailable"
-    name = next((ln.split(":", 1)[1].strip() for ln in out.splitlines()
-                 if ln.startswith("Model name")), "?")
-    flags = next((ln.split(":", 1)[1].split() for ln in out.splitlines()
-                  if ln.startswith("Flags")), [])
-    wanted = [f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16",
-                                        "amx_tile", "avx512_vnni")]
-    return f"{name}; {' '.join(wanted) or 'no AVX2/AVX-512 flags'}"
+from pipeline.provenance import cpu_flags, cpu_model  # noqa: E402
 
 
 def run_sweep(args: argparse.Namespace, out: Path) -> float:
@@ -90,7 +77,7 @@ def main() -> int:
         wall = run_sweep(args, Path(tmp))
         table = rows(Path(tmp))
     versions = provenance.collect([]).get("versions", {})
-    print(f"{time.strftime('%Y-%m-%d')}  CPU: {cpu_flags()}")
+    print(f"{time.strftime('%Y-%m-%d')}  CPU: {cpu_model()}; {cpu_flags()}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items()) if v))
     print(f"greedy, {args.new_tokens} new tokens fixed, {args.prompts} prompts, {args.dtype}, "
           f"prefill included\n")

@@ -40,6 +40,34 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+#: the CPU flags that decide inference speed: bf16 and int8 dot products, AMX tiles
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_tile",
+               "amx_bf16", "amx_int8")
+
+
+def cpu_flags() -> str:
+    """The speed-relevant CPU flags present (``SPEED_FLAGS``, /proc/cpuinfo), space
+    separated: the same CPU name covers machines with and without native bf16."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return " ".join(f for f in SPEED_FLAGS if f in have) or "none of " + (
+                    " ".join(SPEED_FLAGS))
+    except OSError:
+        pass
+    return "unknown"
+
+
+def boot_id() -> str:
+    """This boot of this machine (Linux); a virtual machine of the same name may be a
+    different host after a restart."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
 def git_commit(root: Path = PROJECT_ROOT) -> str:
     """HEAD of the project checkout, suffixed ``-dirty`` with uncommitted changes."""
     try:
@@ -62,6 +90,7 @@ def hardware() -> dict[str, Any]:
 
     hw: dict[str, Any] = {
         "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
         "cpu_count": os.cpu_count(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "platform": platform.platform(),

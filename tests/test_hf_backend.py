@@ -121,7 +121,8 @@ def test_compile_cost_is_counted_per_job_and_shape(tmp_path) -> None:
     assert first["compiled_graphs_after_warmup"] == 0
     again, reused = job(1)
     assert reused and again == {"compile_s": 0.0, "compiled_graphs": 0.0,
-                                "compiled_graphs_after_warmup": 0.0}
+                                "compiled_graphs_after_warmup": 0.0,
+                                "compiled_graphs_from_disk": 0.0}
     wider, reused = job(2)
     assert reused and wider["compiled_graphs"] > 0 and wider["compile_s"] > 0
 

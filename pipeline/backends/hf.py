@@ -6,12 +6,14 @@ import contextlib
 import importlib.util
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.backends import hf_quantization as hq
 from pipeline.backends import hf_speculative as hs
+from pipeline.backends import hf_static as hst
 from pipeline.backends.base import Backend, BackendConfig
 from pipeline.config import DTYPES, DecodingConfig, ModelConfig, check_choice, check_range
 from pipeline.devices import resolve_device, torch_dtype
@@ -40,6 +42,10 @@ class HFBackendConfig(BackendConfig):
     compile_mode: str = "default"
     inductor_freezing: bool = False
     inductor_cpp_wrapper: bool = False
+    #: under freezing, inductor packs bf16/fp32 linear weights into oneDNN's blocked layout:
+    #: ~10% faster decode steps on CPU, but packed (mkldnn) tensors cannot be pickled, so the
+    #: graph skips inductor's on-disk cache and every process compiles it again
+    inductor_weight_prepack: bool = True
     #: under compile, prompts are left-padded to a multiple of this many tokens, so that
     #: few distinct shapes (few recompilations) reach the measured phase
     pad_bucket: int = 32
@@ -57,6 +63,10 @@ class HFBackendConfig(BackendConfig):
     #: weight quantization: null | int8_dynamic | int4_weight_only | bnb_int8 | bnb_4bit
     #: (hf_quantization.py says which run where)
     quantization: str | None = None
+    #: generate (transformers' loop) | static (hf_static.py: exact-length eager prefill,
+    #: fixed-shape decode steps, no per-step logits processors; greedy and sampling) |
+    #: auto (static where it applies, else generate; applied.decode_loop says which ran)
+    decode_loop: str = "generate"
 
 
 def hf_generate_kwargs(d: DecodingConfig, max_new_tokens: int, fixed_length: bool) -> dict:
@@ -110,6 +120,8 @@ def check_attention(attn: str, device: str) -> None:
 # model object, so a compiled model is reused with them). One only: an idle model of other
 # settings would sit in this process's memory and inflate the next job's peak RSS.
 _LOADED: dict[tuple, tuple[Any, Any, int]] = {}
+# id(cached model) -> its static decoder, whose caches a compiled step keeps seeing
+_DECODERS: dict[int, hst.StaticDecoder] = {}
 
 
 class _StepClock:
@@ -150,6 +162,7 @@ class HFBackend(Backend):
         check_range("backend.num_threads", cfg.num_threads, 1, optional=True)
         check_choice("backend.compile_mode", cfg.compile_mode, COMPILE_MODES)
         check_range("backend.pad_bucket", cfg.pad_bucket, 1)
+        check_choice("backend.decode_loop", cfg.decode_loop, hst.DECODE_LOOPS)
         if cfg.dtype is not None:
             check_choice("backend.dtype", cfg.dtype, DTYPES)
         hs.validate_speculative(cfg)
@@ -163,6 +176,7 @@ class HFBackend(Backend):
             check_attention(spec.backend.attn_implementation, spec.model.device)
         hs.check_speculative(spec)
         hq.check_quantization(spec)
+        hst.check_decode_loop(spec)
 
     def __init__(
         self, model_dir: str, model: ModelConfig, cfg: HFBackendConfig, seed: int
@@ -179,10 +193,12 @@ class HFBackend(Backend):
         self.model_reused = False
         self.compiled_graphs = 0
         self.late_compiled_graphs = 0
+        self.graphs_from_disk = 0  # inductor's on-disk cache hits (no lowering, no C++)
         self._calls = 0
         self.draft: Any = None
         self.num_parameters = 0  # of the unquantized architecture
         self._spec_calls: list[dict[str, float]] = []
+        self.decode_loop: str | None = None  # the loop the last call ran
 
     def load(self) -> None:
         import torch
@@ -202,7 +218,7 @@ class HFBackend(Backend):
         key = (self.model_dir, m.revision, trust, str(dtype), attn, m.weights,
                self.seed if m.weights == "random" else None, self.device, self.cfg.compile,
                self.cfg.compile_mode, self.cfg.inductor_freezing, self.cfg.inductor_cpp_wrapper,
-               self.cfg.quantization)
+               self.cfg.inductor_weight_prepack, self.cfg.quantization)
         if key in _LOADED:
             self.model, self.tokenizer, self.num_parameters = _LOADED[key]
             self.model_reused = True
@@ -243,6 +259,7 @@ class HFBackend(Backend):
             # C++ wrapper removes Python from the per-step launch path
             inductor.freezing = self.cfg.inductor_freezing
             inductor.cpp_wrapper = self.cfg.inductor_cpp_wrapper
+            inductor.cpp.weight_prepack = self.cfg.inductor_weight_prepack
             # max-autotune prints a table per matmul shape (hundreds of lines): keep the
             # job's output readable; compile_s still reports what autotuning cost
             inductor.max_autotune_report_choices_stats = False
@@ -278,6 +295,7 @@ class HFBackend(Backend):
             import gc
 
             _LOADED.clear()
+            _DECODERS.clear()
             hs.clear_drafts()
             gc.collect()
             if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
@@ -332,9 +350,11 @@ class HFBackend(Backend):
         tok = self.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         eos_ids = self._eos_ids()
+        loop = hst.chosen_loop(self.cfg, decoding)
         width = max(len(r.prompt_token_ids) for r in requests)
-        if self.cfg.compile:
-            # few distinct shapes -> few recompilations inside the measured phase
+        if self.cfg.compile and loop == "generate":
+            # few distinct shapes -> few recompilations inside the measured phase (the
+            # static loop prefills eagerly at the exact length)
             width = -(-width // self.cfg.pad_bucket) * self.cfg.pad_bucket
         input_ids = torch.full((len(requests), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(requests), width), dtype=torch.long)
@@ -343,49 +363,25 @@ class HFBackend(Backend):
             input_ids[i, width - n :] = torch.tensor(r.prompt_token_ids, dtype=torch.long)
             mask[i, width - n :] = 1
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        kw = hf_generate_kwargs(decoding, max_new_tokens, fixed_length)
-        if self.cfg.cache_implementation != "dynamic":
-            kw["cache_implementation"] = self.cfg.cache_implementation
-        kw.update(hs.generate_kwargs(self.cfg, self.draft))
-        step_clock = _StepClock(self.sync)
-        speculative = hs.speculation_on(self.cfg)
-        counter = hs.ForwardCounter().attach(self.model) if speculative else None
         torch.manual_seed(self.seed)
         graphs_before = _compiled_graph_count() if self.cfg.compile else 0
-        try:
-            with torch.inference_mode(), self._sdpa_context():
-                t_start = clock(self.sync)
-                out = self.model.generate(
-                    input_ids=input_ids, attention_mask=mask, pad_token_id=pad_id,
-                    eos_token_id=sorted(eos_ids), use_cache=self.cfg.use_cache,
-                    stopping_criteria=[step_clock], **kw,
-                )
-                t_end = clock(self.sync)
-        finally:
-            if counter is not None:
-                counter.detach()
+        hits_before = _disk_cache_hits() if self.cfg.compile else 0
+        with torch.inference_mode(), self._sdpa_context():
+            if loop == "static":
+                new, t_start, t_end, times_of = self._static(
+                    input_ids, mask, decoding, max_new_tokens, fixed_length, eos_ids, pad_id)
+            else:
+                new, t_start, t_end, times_of = self._generate(
+                    input_ids, mask, decoding, max_new_tokens, fixed_length, eos_ids, pad_id)
+        self.decode_loop = loop
         self._calls += 1
         if self.cfg.compile:
-            # a call that compiled (a new model, or a new shape for a cached one) costs
-            # compilation + one generation; the sum is this job's compile_s
-            new_graphs = _compiled_graph_count() - graphs_before
-            if new_graphs:
-                self.compile_s = (self.compile_s or 0.0) + (t_end - t_start)
-                self.compiled_graphs += new_graphs
-                if self._calls > 1:  # after the warm-up: inside the measured phase
-                    self.late_compiled_graphs += new_graphs
-                    print(f"warning: torch.compile built {new_graphs} graph(s) during the "
-                          f"measured phase (a new batch shape); its time is in the figures "
-                          f"- use equal batch sizes and prompt lengths within "
-                          f"{self.cfg.pad_bucket}-token buckets (backend.pad_bucket)", flush=True)
+            self._count_compilation(_compiled_graph_count() - graphs_before, t_end - t_start)
+            self.graphs_from_disk += _disk_cache_hits() - hits_before
         records = []
         for i, r in enumerate(requests):
-            ids = out[i, width:].tolist()
-            ids = _cut_at_eos(ids, eos_ids, keep_all=fixed_length)
-            if speculative:  # a step may add several tokens at once
-                times = hs.step_times(step_clock.steps, width, len(ids))
-            else:
-                times = step_clock.times[: len(ids)]
+            ids = _cut_at_eos(new[i].tolist(), eos_ids, keep_all=fixed_length)
+            times = times_of(len(ids))
             records.append(RequestRecord(
                 index=r.index, prompt=r.prompt,
                 text=tok.decode(ids, skip_special_tokens=True),
@@ -393,16 +389,81 @@ class HFBackend(Backend):
                 t_start=t_start, t_first_token=times[0] if times else None, t_end=t_end,
                 token_times=times,
             ))
+        return records
+
+    def _generate(self, input_ids: Any, mask: Any, decoding: DecodingConfig,
+                  max_new_tokens: int, fixed_length: bool, eos_ids: set[int], pad_id: int
+                  ) -> tuple[Any, float, float, Callable[[int], list[float]]]:
+        """transformers' ``generate``: (new tokens, start, end, step times of n tokens)."""
+        width = input_ids.shape[1]
+        kw = hf_generate_kwargs(decoding, max_new_tokens, fixed_length)
+        if self.cfg.cache_implementation != "dynamic":
+            kw["cache_implementation"] = self.cfg.cache_implementation
+        kw.update(hs.generate_kwargs(self.cfg, self.draft))
+        step_clock = _StepClock(self.sync)
+        speculative = hs.speculation_on(self.cfg)
+        counter = hs.ForwardCounter().attach(self.model) if speculative else None
+        try:
+            t_start = clock(self.sync)
+            out = self.model.generate(
+                input_ids=input_ids, attention_mask=mask, pad_token_id=pad_id,
+                eos_token_id=sorted(eos_ids), use_cache=self.cfg.use_cache,
+                stopping_criteria=[step_clock], **kw,
+            )
+            t_end = clock(self.sync)
+        finally:
+            if counter is not None:
+                counter.detach()
         if counter is not None:  # warm-up calls included: acceptance is the proposer's
             self._spec_calls.append(hs.step_stats(counter.widths, width, out.shape[1] - width))
-        return records
+
+        def times_of(n: int) -> list[float]:
+            if speculative:  # a step may add several tokens at once
+                return hs.step_times(step_clock.steps, width, n)
+            return step_clock.times[:n]
+
+        return out[:, width:], t_start, t_end, times_of
+
+    def _static(self, input_ids: Any, mask: Any, decoding: DecodingConfig,
+                max_new_tokens: int, fixed_length: bool, eos_ids: set[int], pad_id: int
+                ) -> tuple[Any, float, float, Callable[[int], list[float]]]:
+        """The static loop (hf_static.py): (new tokens, start, end, step times)."""
+        m = self.model
+        dec = _DECODERS.get(id(m))
+        if dec is None or dec.model is not m:
+            # prefill through the class's own (eager) forward; steps through the instance's,
+            # which is the compiled one under backend.compile
+            dec = _DECODERS[id(m)] = hst.StaticDecoder(m, type(m).forward.__get__(m),
+                                                       m.forward)
+        limit = getattr(m.config, "max_position_embeddings", None)
+        new, t_start, times = dec.run(
+            input_ids, mask, max_new_tokens=max_new_tokens, decoding=decoding,
+            eos_ids=eos_ids, min_new_tokens=max_new_tokens if fixed_length else 0,
+            pad_id=pad_id, clock=lambda: clock(self.sync),
+            cache_len=hst.cache_length(input_ids.shape[1], max_new_tokens, limit))
+        return new, t_start, times[-1], lambda n: times[:n]
+
+    def _count_compilation(self, new_graphs: int, call_s: float) -> None:
+        """A call that compiled (a new model, or a new shape for a cached one) costs
+        compilation + one generation; the sum is this job's compile_s."""
+        if not new_graphs:
+            return
+        self.compile_s = (self.compile_s or 0.0) + call_s
+        self.compiled_graphs += new_graphs
+        if self._calls > 1:  # after the warm-up: inside the measured phase
+            self.late_compiled_graphs += new_graphs
+            print(f"warning: torch.compile built {new_graphs} graph(s) during the "
+                  f"measured phase (a new batch shape); its time is in the figures "
+                  f"- use equal batch sizes and prompt lengths within "
+                  f"{self.cfg.pad_bucket}-token buckets (backend.pad_bucket)", flush=True)
 
     def extra_metrics(self) -> dict[str, float]:
         out = hs.summarize(self._spec_calls, self.cfg.prompt_lookup_num_tokens)
         if self.cfg.compile:
             out.update({"compile_s": self.compile_s or 0.0,
                         "compiled_graphs": float(self.compiled_graphs),
-                        "compiled_graphs_after_warmup": float(self.late_compiled_graphs)})
+                        "compiled_graphs_after_warmup": float(self.late_compiled_graphs),
+                        "compiled_graphs_from_disk": float(self.graphs_from_disk)})
         return out
 
     def _eos_ids(self) -> set[int]:
@@ -427,11 +488,14 @@ class HFBackend(Backend):
             else None,
             "use_cache": self.cfg.use_cache,
             "cache_implementation": self.cfg.cache_implementation,
+            "decode_loop": self.decode_loop,
             "compiled": self.cfg.compile,
             "compile_mode": self.cfg.compile_mode if self.cfg.compile else None,
             "compile_reused": self.compile_reused,
             "model_reused": self.model_reused,
             "inductor_freezing": self.cfg.inductor_freezing if self.cfg.compile else None,
+            "inductor_weight_prepack": self.cfg.inductor_weight_prepack
+            if self.cfg.compile and self.cfg.inductor_freezing else None,
             "pad_bucket": self.cfg.pad_bucket if self.cfg.compile else None,
             "compile_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR")
             if self.cfg.compile else None,
@@ -453,6 +517,13 @@ def _compiled_graph_count() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
+
+
+def _disk_cache_hits() -> int:
+    """Graphs inductor loaded from its on-disk FX graph cache so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["fxgraph_cache_hit"])
 
 
 def _cut_at_eos(ids: list[int], eos_ids: set[int], keep_all: bool) -> list[int]:

@@ -7,7 +7,7 @@ batch, so at small batch the rate is bound by memory bandwidth:
 cache, activations and attention are left out, so the bound is optimistic (a share above
 1 means the model does fewer bytes/FLOPs than assumed, e.g. a smaller effective batch).
 
-The machine's rates are measured once and cached per machine in the cache folder.
+The machine's rates are measured once per machine and boot, and cached in the cache folder.
 """
 
 from __future__ import annotations
@@ -91,13 +91,15 @@ def measure_rates(device: str = "cpu", dtype: str = "float32") -> dict[str, floa
 
 
 def machine_key(device: str, dtype: str) -> str:
-    """Identifies the hardware a cached measurement belongs to."""
-    from pipeline.provenance import hardware
+    """Identifies the hardware a cached measurement belongs to: CPU name, speed flags and
+    core count, GPU, threads, and this boot (cloud machines of one name differ in memory
+    bandwidth from one boot to the next, by 2x in this project's sessions)."""
+    from pipeline.provenance import boot_id, hardware
 
     hw = hardware()
     # the leading version invalidates caches written by an older measure_rates
-    ident = json.dumps([2, hw.get("cpu"), hw.get("cpu_count"), hw.get("gpu"),
-                        hw.get("torch_threads"), device, dtype])
+    ident = json.dumps([3, hw.get("cpu"), hw.get("cpu_flags"), hw.get("cpu_count"),
+                        hw.get("gpu"), hw.get("torch_threads"), device, dtype, boot_id()])
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 

@@ -1,0 +1,130 @@
+"""The static decode loop (pipeline/backends/hf_static.py) against transformers' own
+``generate`` on the real packaged model, in float32 where both must agree token for token."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.backends import hf_static as hst
+from pipeline.backends.hf import HFBackend, HFBackendConfig
+from pipeline.config import DecodingConfig, ModelConfig
+from pipeline.workload import make_requests
+from tests.test_config import _compose
+
+QUICK = list(_compose().workload.prompts)
+STATIC = HFBackendConfig(cache_implementation="static", decode_loop="static")
+GENERATE = HFBackendConfig(cache_implementation="static")
+
+
+def _ids(model_dir: str, cfg: HFBackendConfig, d: DecodingConfig, n: int, fixed: bool,
+         prompts: list[str]) -> tuple[list[list[int]], list, str | None]:
+    with HFBackend(model_dir, ModelConfig(device="cpu"), cfg, seed=3) as b:
+        reqs = make_requests(prompts, b.tokenizer, use_chat_template=True)
+        recs = b.generate(reqs, d, max_new_tokens=n, fixed_length=fixed)
+        return [r.output_token_ids for r in recs], recs, b.applied_settings()["decode_loop"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("decoding", [
+    DecodingConfig(),
+    DecodingConfig(do_sample=True, temperature=0.8, top_k=40, top_p=0.9),
+], ids=["greedy", "sampling"])
+def test_static_loop_equals_generate_token_for_token(model_dir: str, decoding) -> None:
+    """Left padding (prompts of different lengths in one batch), EOS stopping and the
+    seeded sampling path: the same tokens as ``generate`` in float32."""
+    prompts = [QUICK[0], QUICK[3] + " Answer in one short sentence.", QUICK[5]]
+    for fixed, n in ((False, 40), (True, 12)):
+        ref, _, loop_ref = _ids(model_dir, GENERATE, decoding, n, fixed, prompts)
+        got, recs, loop = _ids(model_dir, STATIC, decoding, n, fixed, prompts)
+        assert (loop_ref, loop) == ("generate", "static")
+        assert got == ref, f"fixed_length={fixed}"
+        for r in recs:
+            assert len(r.token_times) == r.output_tokens
+            assert r.t_start <= r.t_first_token <= r.token_times[-1] <= r.t_end
+            assert r.token_times == sorted(r.token_times)
+        if fixed:
+            assert all(len(ids) == n for ids in got)
+
+
+@pytest.mark.slow
+def test_auto_falls_back_to_generate_and_says_so(model_dir: str) -> None:
+    auto = HFBackendConfig(cache_implementation="static", decode_loop="auto")
+    _, _, loop = _ids(model_dir, auto, DecodingConfig(num_beams=2), 4, True, QUICK[:1])
+    assert loop == "generate"
+    _, _, loop = _ids(model_dir, auto, DecodingConfig(), 4, True, QUICK[:1])
+    assert loop == "static"
+
+
+def test_static_loop_refuses_what_it_cannot_run_before_loading() -> None:
+    from tests.conftest import assert_refused_early
+
+    assert_refused_early([
+        (["backend=hf_fast", "backend.decode_loop=static", "decoding=beam"],
+         "backend.decode_loop='static' is invalid with decoding.num_beams=4"),
+        (["backend=hf", "backend.decode_loop=static"],
+         "backend.decode_loop='static' is invalid with backend.cache_implementation='dynamic'"),
+        (["backend=hf", "backend.decode_loop=fast"],
+         "backend.decode_loop='fast' is invalid"),
+    ])
+
+
+def test_cache_length_buckets_and_respects_the_context() -> None:
+    assert hst.cache_length(40, 64, None) == 256
+    assert hst.cache_length(200, 64, None) == 512
+    assert hst.cache_length(200, 64, 300) == 300  # never past the model's context
+    assert hst.cache_length(290, 64, 300) == 354  # the refusal happens at validation
+
+
+_DISK_CACHE_JOB = r"""
+import json, sys
+from pipeline.backends.hf import HFBackend, HFBackendConfig
+from pipeline.config import DecodingConfig, ModelConfig
+from pipeline.workload import make_requests
+model_dir, cache, prompts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+model = ModelConfig(name="tiny", source="hf", path=model_dir, weights="random",
+                    dtype="float32", device="cpu")
+cfg = HFBackendConfig(cache_implementation="static", decode_loop="static", compile=True,
+                      inductor_freezing=True, inductor_weight_prepack=False,
+                      compile_cache_dir=cache)
+out = []
+with HFBackend(model_dir, model, cfg, seed=0) as b:
+    for p in prompts:  # one batch shape, prompts of different lengths
+        reqs = make_requests([p], b.tokenizer, use_chat_template=True)
+        ids = b.generate(reqs, DecodingConfig(), max_new_tokens=4, fixed_length=True)
+        out.append(ids[0].output_token_ids)
+    print(json.dumps({"metrics": b.extra_metrics(), "ids": out}))
+"""
+
+
+@pytest.mark.slow
+def test_decode_graph_is_compiled_once_and_loaded_from_disk_next_time(tmp_path) -> None:
+    """Prompts of different lengths share one decode graph (the prefill is eager at the
+    exact length), and a second process loads that graph from inductor's on-disk cache
+    instead of compiling it: the reuse and caching logic, not their speed."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    tiny = tmp_path / "tiny"
+    shutil.copytree(ROOT / "benchmarks" / "assets" / "smollm2-135m", tiny)
+    cfg = json.loads((tiny / "config.json").read_text())
+    cfg["num_hidden_layers"] = 1  # the code path, not the speed: compile in seconds
+    (tiny / "config.json").write_text(json.dumps(cfg))
+    prompts = [QUICK[0], QUICK[1] + " Please answer in detail, step by step.", QUICK[2]]
+
+    def process() -> dict:
+        p = subprocess.run([sys.executable, "-c", _DISK_CACHE_JOB, str(tiny),
+                            str(tmp_path / "inductor"), json.dumps(prompts)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return json.loads(p.stdout.strip().splitlines()[-1])
+
+    first, second = process(), process()
+    assert first["metrics"]["compiled_graphs"] == 1  # one decode graph for every length
+    assert first["metrics"]["compiled_graphs_after_warmup"] == 0
+    assert first["metrics"]["compiled_graphs_from_disk"] == 0
+    assert second["metrics"]["compiled_graphs_from_disk"] == 1
+    assert second["ids"] == first["ids"]
