@@ -31,8 +31,10 @@ def run_sweep(args: argparse.Namespace, out: Path) -> float:
     cmd = [sys.executable, "run.py", "-m", "+experiment=fast_path",
            f"backend={args.backends}", f"workload.batch_size={args.batches}",
            f"workload.max_new_tokens={args.new_tokens}", f"workload.num_prompts={args.prompts}",
-           f"model.dtype={args.dtype}", f"paths.output_dir={out}",
-           f"paths.cache_dir={ROOT / 'outputs' / 'cache'}", "tracking.enabled=false"]
+           f"model.dtype={args.dtype}", f"workload.repeats={args.repeats}",
+           f"paths.output_dir={out}",
+           f"paths.cache_dir={ROOT / 'outputs' / 'cache'}", "tracking.enabled=false",
+           *args.overrides]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True)
     wall = time.perf_counter() - t0
@@ -51,8 +53,11 @@ def rows(out: Path) -> list[dict]:
         found.append({
             "backend": (r.get("choices") or {}).get("backend") or c["backend"]["name"],
             "batch": c["workload"]["batch_size"], "status": r["status"],
-            "tok_s": m.get("output_tokens_per_s"), "roof": m.get("roofline_tokens_per_s"),
-            "share": m.get("roofline_share"),
+            "loop": (r.get("applied") or {}).get("decode_loop") or "",
+            "tok_s": m.get("output_tokens_per_s_repeat_mean", m.get("output_tokens_per_s")),
+            "ci": m.get("output_tokens_per_s_ci95"), "roof": m.get("roofline_tokens_per_s"),
+            "share": m.get("roofline_share"), "ttft": m.get("ttft_ms_mean"),
+            "tpot": m.get("tpot_ms_mean"),
             "compile_s": m.get("compile_s"), "generate_s": m.get("time_generate_s", 0.0),
         })
     return found
@@ -69,6 +74,10 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--backends", default="hf,hf_fast,vllm")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="measured repeats per job: tok/s is their mean +- 95%% CI")
+    ap.add_argument("overrides", nargs="*",
+                    help="more Hydra overrides for every job, e.g. backend.decode_loop=generate")
     args = ap.parse_args()
 
     from pipeline import provenance
@@ -80,12 +89,16 @@ def main() -> int:
     print(f"{time.strftime('%Y-%m-%d')}  CPU: {cpu_model()}; {cpu_flags()}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items()) if v))
     print(f"greedy, {args.new_tokens} new tokens fixed, {args.prompts} prompts, {args.dtype}, "
-          f"prefill included\n")
-    head = f"{'backend':10}{'batch':>6}{'tok/s':>9}{'roofline':>10}{'share':>7}{'compile s':>11}"
+          f"prefill included" + (f"; {' '.join(args.overrides)}" if args.overrides else "")
+          + "\n")
+    head = (f"{'backend':10}{'loop':>9}{'batch':>6}{'tok/s':>16}{'roofline':>10}{'share':>7}"
+            f"{'TTFT ms':>9}{'TPOT ms':>9}{'compile s':>11}")
     print(head + "\n" + "-" * len(head))
     for r in table:
-        print(f"{r['backend']:10}{r['batch']:>6}{fmt(r['tok_s'], '.1f'):>9}"
+        tok = fmt(r["tok_s"], ".1f") + (f" ± {r['ci']:.1f}" if r["ci"] is not None else "")
+        print(f"{r['backend']:10}{r['loop']:>9}{r['batch']:>6}{tok:>16}"
               f"{fmt(r['roof'], '.0f'):>10}{fmt(r['share'], '.2f'):>7}"
+              f"{fmt(r['ttft'], '.0f'):>9}{fmt(r['tpot'], '.1f'):>9}"
               f"{fmt(r['compile_s'], '.0f'):>11}" + ("" if r["status"] == "FINISHED"
                                                      else f"  {r['status']}"))
     gen = sum(r["generate_s"] for r in table)

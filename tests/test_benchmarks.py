@@ -62,8 +62,10 @@ def test_roofline_table_runs_the_pipeline_sweep() -> None:
                        timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     lines = [ln.split() for ln in p.stdout.splitlines() if ln.startswith("hf ")]
-    assert [ln[1] for ln in lines] == ["1", "2"]
-    for ln in lines:
-        tok_s, roof, share = float(ln[2]), float(ln[3]), float(ln[4])
+    assert [ln[1:3] for ln in lines] == [["generate", "1"], ["generate", "2"]]
+    for ln in lines:  # backend loop batch tok/s [± ci] roofline share ...
+        rest = ln[4:] if ln[4] != "±" else ln[6:]
+        tok_s, roof, share = float(ln[3]), float(rest[0]), float(rest[1])
         assert tok_s > 0 and roof > 0 and share == pytest.approx(tok_s / roof, abs=0.01)
+        assert ln[4] == "±"  # 3 repeats by default: mean ± 95% CI
     assert "CPU:" in p.stdout and "of it)" in p.stdout

@@ -69,8 +69,8 @@ def test_static_loop_refuses_what_it_cannot_run_before_loading() -> None:
 
 
 def test_cache_length_buckets_and_respects_the_context() -> None:
-    assert hst.cache_length(40, 64, None) == 256
-    assert hst.cache_length(200, 64, None) == 512
+    assert hst.cache_length(40, 64, None) == 128
+    assert hst.cache_length(200, 64, None) == 320
     assert hst.cache_length(200, 64, 300) == 300  # never past the model's context
     assert hst.cache_length(290, 64, 300) == 354  # the refusal happens at validation
 
