@@ -43,8 +43,8 @@ class HFBackendConfig(BackendConfig):
     inductor_freezing: bool = False
     inductor_cpp_wrapper: bool = False
     #: under freezing, inductor packs bf16/fp32 linear weights into oneDNN's blocked layout:
-    #: ~10% faster decode steps on CPU, but packed (mkldnn) tensors cannot be pickled, so the
-    #: graph skips inductor's on-disk cache and every process compiles it again
+    #: up to ~14% faster decode steps on CPU, but packed (mkldnn) tensors cannot be
+    #: pickled, so the graph skips inductor's on-disk cache and every process compiles again
     inductor_weight_prepack: bool = True
     #: under compile, prompts are left-padded to a multiple of this many tokens, so that
     #: few distinct shapes (few recompilations) reach the measured phase
