@@ -452,10 +452,12 @@ class HFBackend(Backend):
         self.compiled_graphs += new_graphs
         if self._calls > 1:  # after the warm-up: inside the measured phase
             self.late_compiled_graphs += new_graphs
+            hint = (f"prompt lengths within {self.cfg.pad_bucket}-token buckets "
+                    "(backend.pad_bucket)" if self.decode_loop == "generate" else
+                    f"prompt + output lengths within {hst.CACHE_BUCKET}-position cache buckets")
             print(f"warning: torch.compile built {new_graphs} graph(s) during the "
                   f"measured phase (a new batch shape); its time is in the figures "
-                  f"- use equal batch sizes and prompt lengths within "
-                  f"{self.cfg.pad_bucket}-token buckets (backend.pad_bucket)", flush=True)
+                  f"- use equal batch sizes and {hint}", flush=True)
 
     def extra_metrics(self) -> dict[str, float]:
         out = hs.summarize(self._spec_calls, self.cfg.prompt_lookup_num_tokens)
