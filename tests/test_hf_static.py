@@ -102,6 +102,7 @@ def test_decode_graph_is_compiled_once_and_loaded_from_disk_next_time(tmp_path) 
     exact length), and a second process loads that graph from inductor's on-disk cache
     instead of compiling it: the reuse and caching logic, not their speed."""
     import json
+    import os
     import shutil
     import subprocess
     import sys
@@ -115,10 +116,15 @@ def test_decode_graph_is_compiled_once_and_loaded_from_disk_next_time(tmp_path) 
     (tiny / "config.json").write_text(json.dumps(cfg))
     prompts = [QUICK[0], QUICK[1] + " Please answer in detail, step by step.", QUICK[2]]
 
+    # inductor writes its default folder into TORCHINDUCTOR_CACHE_DIR the first time it
+    # asks; backend.compile_cache_dir must still win over a variable set that way (it was
+    # once silently ignored, and every graph went to the shared /tmp default)
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "elsewhere")}
+
     def process() -> dict:
         p = subprocess.run([sys.executable, "-c", _DISK_CACHE_JOB, str(tiny),
                             str(tmp_path / "inductor"), json.dumps(prompts)],
-                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
         assert p.returncode == 0, p.stderr[-3000:]
         return json.loads(p.stdout.strip().splitlines()[-1])
 
@@ -127,4 +133,6 @@ def test_decode_graph_is_compiled_once_and_loaded_from_disk_next_time(tmp_path) 
     assert first["metrics"]["compiled_graphs_after_warmup"] == 0
     assert first["metrics"]["compiled_graphs_from_disk"] == 0
     assert second["metrics"]["compiled_graphs_from_disk"] == 1
+    assert (tmp_path / "inductor" / "fxgraph").is_dir()
+    assert not any((tmp_path / "elsewhere").rglob("*"))  # inductor made it, stored nothing
     assert second["ids"] == first["ids"]

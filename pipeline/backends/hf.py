@@ -250,9 +250,12 @@ class HFBackend(Backend):
 
             if self.cfg.compile_cache_dir:
                 # read by inductor whenever it compiles (also later recompiles), so it is
-                # set for the process; a user's own TORCHINDUCTOR_CACHE_DIR wins
-                os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
-                                      str(Path(self.cfg.compile_cache_dir).expanduser()))
+                # set for the process. Set, not defaulted: inductor writes its own default
+                # (/tmp/torchinductor_<user>) into the variable the first time it asks, so
+                # an earlier import could otherwise leave this setting silently unused;
+                # backend.compile_cache_dir=null keeps the variable as it is
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(
+                    Path(self.cfg.compile_cache_dir).expanduser().resolve())
             inductor.fx_graph_cache = True
 
             # freezing folds weights into the graph as constants (inference only); the
