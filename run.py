@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from pipeline.config import check_group_choices, register_configs
 from pipeline.errors import ConfigError, JobFailed
+from pipeline.overrides import check_overrides
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 register_configs()
@@ -33,6 +34,7 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     try:
         check_group_choices(sys.argv[1:], CONF_DIR)
+        check_overrides(sys.argv[1:], CONF_DIR)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -102,7 +102,10 @@ def main() -> int:
         variants = [v for v in variants if not v[3]]  # compile takes minutes on 2 cores
     rates = measure_rates("cuda" if cuda else "cpu", dtype)
     print(f"card: read {rates['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s, {dtype} matmul "
-          f"{rates['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s", flush=True)
+          f"{rates['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s"
+          + (" (BUSY while measured: " + "; ".join(rates["bandwidth"]["busy_reasons"]
+                                                   + rates["matmul"]["busy_reasons"]) + ")"
+             if rates["busy"] else ""), flush=True)
     rows: list[dict] = []
     t_start = time.time()
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -115,7 +115,9 @@ def main() -> int:
           f"new_tokens={steps} threads={applied['torch_threads']} "
           f"compiled={applied['compiled']} (warm-up {warm:.1f} s)")
     print(f"machine: read {rates['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, matmul "
-          f"{rates['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s; weights {weight_bytes / 1e6:.0f} MB")
+          f"{rates['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s; weights {weight_bytes / 1e6:.0f} MB"
+          + ("; BUSY while measured (not cached): rates read low, the floor is too long"
+             if rates["busy"] else ""))
     rows = [
         ("whole generate call", 1000 * total, ""),
         ("prefill forward", 1000 * prefill, ""),

@@ -59,6 +59,7 @@ def rows(out: Path) -> list[dict]:
             "share": m.get("roofline_share"), "ttft": m.get("ttft_ms_mean"),
             "tpot": m.get("tpot_ms_mean"),
             "compile_s": m.get("compile_s"), "generate_s": m.get("time_generate_s", 0.0),
+            "bw": m.get("machine_bandwidth_gb_per_s"), "busy": m.get("machine_rates_busy"),
         })
     return found
 
@@ -101,6 +102,14 @@ def main() -> int:
               f"{fmt(r['ttft'], '.0f'):>9}{fmt(r['tpot'], '.1f'):>9}"
               f"{fmt(r['compile_s'], '.0f'):>11}" + ("" if r["status"] == "FINISHED"
                                                      else f"  {r['status']}"))
+    bws = [r["bw"] for r in table if r["bw"] is not None]
+    busy = sum(bool(r["busy"]) for r in table)
+    if bws:  # a share divided by a rate read on a busy machine is too high: say so
+        span = f"{min(bws):.1f}" + (f"-{max(bws):.1f}" if max(bws) > min(bws) else "")
+        print(f"\nmachine rates: read {span} GB/s; "
+              + (f"measured on a busy machine for {busy} of {len(table)} jobs "
+                 "(machine_rates_busy=1): their shares are too high" if busy
+                 else "measured idle (cached)"))
     gen = sum(r["generate_s"] for r in table)
     print(f"\nsweep wall {wall:.0f} s, measured generation {gen:.0f} s "
           f"({gen / wall:.0%} of it)")

@@ -23,6 +23,7 @@ from pipeline.errors import ConfigError
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 DEVICES = ("auto", "cpu", "cuda")
 WEIGHTS = ("pretrained", "random")
+CHAT_TEMPLATE_CHOICES = ("auto", "true", "false")
 MODEL_SOURCES = ("packaged", "hf")
 ARRIVALS = ("poisson", "gamma")
 
@@ -40,9 +41,14 @@ class ModelConfig:
     dtype: str = "float32"
     device: str = "auto"
     weights: str = "pretrained"
-    use_chat_template: bool = True
+    #: "auto": the chat template when the tokenizer has one; "true": required (refused
+    #: before loading without one); "false": plain prompts
+    use_chat_template: str = "auto"
     trust_remote_code: bool = False
     revision: str | None = None
+    #: the base model folder of a LoRA/PEFT adapter given as ``path``; when set it wins over
+    #: the adapter's own ``base_model_name_or_path`` (needed when that is a hub id)
+    base_path: str | None = None
 
 
 @dataclass
@@ -127,10 +133,14 @@ class WorkloadConfig:
     max_points: int = 10
     ramp_start_rate: float | None = None
     ramp_end_rate: float | None = None
-    # over-saturation: completions over the trailing window below saturation_rate_ratio x
-    # the offered rate while TTFT of the newest requests >= saturation_ttft_growth x the
-    # first ones', at two checks in a row -> the point ends early, marked saturated
-    saturation_rate_ratio: float = 0.8
+    # which send time open-loop TTFT/E2EL SLOs are judged from: "schedule" (MLPerf's rule:
+    # client-side queueing counts against the server) or "send" (vLLM's convention)
+    slo_dialect: str = "schedule"
+    # saturation: an open-loop point whose completions fall below saturation_rate_ratio x
+    # its offered rate is saturated, whatever TTFT does; while it runs, that shortfall with
+    # TTFT of the newest requests >= saturation_ttft_growth x the first ones', at two checks
+    # in a row, ends it early
+    saturation_rate_ratio: float = 0.9
     saturation_ttft_growth: float = 2.0
     point_grace_s: float = 10.0
     # validity of a point: the client must not be the bottleneck
@@ -295,6 +305,9 @@ PROFILES = ("fixed", "sweep", "slo_search", "ramp")
 def _validate_profile(w: WorkloadConfig) -> None:
     """The load-profile keys (pipeline/workload/profiles.py plans the points)."""
     check_choice("workload.profile", w.profile, PROFILES)
+    from pipeline.metrics.performance import SLO_DIALECTS
+
+    check_choice("workload.slo_dialect", w.slo_dialect, SLO_DIALECTS)
     check_range("workload.sweep_points", w.sweep_points, 1, 100)
     check_range("workload.point_requests", w.point_requests, 1, optional=True)
     check_range("workload.point_duration_s", w.point_duration_s, 0.0, lo_open=True,
@@ -397,6 +410,9 @@ def validate_model(m: ModelConfig) -> None:
     check_choice("model.dtype", m.dtype, DTYPES)
     check_choice("model.device", m.device, DEVICES)
     check_choice("model.weights", m.weights, WEIGHTS)
+    # yaml's true/false arrive as "True"/"False" in the str field
+    m.use_chat_template = str(m.use_chat_template).lower()
+    check_choice("model.use_chat_template", m.use_chat_template, CHAT_TEMPLATE_CHOICES)
     if m.device == "cuda":
         from pipeline.devices import cuda_present
 

@@ -10,17 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.config import DecodingConfig
 from pipeline.errors import UnsupportedDecoding
-
-
-def strategy(d: DecodingConfig) -> str:
-    """``beam`` | ``sample`` | ``greedy`` (beam wins: HF's beam sampling is still beam)."""
-    if d.num_beams > 1:
-        return "beam"
-    if d.do_sample and d.temperature > 0:
-        return "sample"
-    return "greedy"
 
 
 def refuse(backend: str, key: str, value: Any, instead: str) -> None:

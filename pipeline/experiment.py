@@ -14,6 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.adapters import adapter_settings, check_adapter
 from pipeline.backends import backend_class, make_backend
 from pipeline.backends.base import Backend
 from pipeline.config import Config, flatten, validate
@@ -29,8 +30,8 @@ from pipeline.workload import (
     batches,
     check_limits,
     load_prompts,
-    make_requests,
 )
+from pipeline.workload.prepare import PreparedRequests, prepare_requests
 from pipeline.workload.profiles import check_profile
 
 log = logging.getLogger(__name__)
@@ -212,6 +213,7 @@ def check_inputs(cfg: DictConfig) -> tuple[Config, list[str]]:
     """Everything that can be checked without a model: types, ranges, choices, decoding
     support of the backend, the prompts themselves. Imports nothing heavy."""
     spec = validate(cfg)
+    check_adapter(spec.model)  # a LoRA adapter needs its base on this machine
     backend_class(spec.backend.impl).check(spec)
     check_profile(spec, backend_class(spec.backend.impl).online)  # offline: fixed only
     check_limits(spec)  # input + output within the context, per-request output lengths
@@ -232,16 +234,35 @@ def run_job(cfg: DictConfig) -> JobResult:
     results = JobResult(job_num=job_num, config=resolved, config_hash=config_hash(resolved),
                         overrides=overrides, choices=choices,
                         started_at=int(time.time() * 1000))
+    timer = PhaseTimer()
+    prepared: PreparedRequests | Exception
     try:
         spec, prompts = check_inputs(cfg)
+        # the requests are built before anything heavy loads, so that what a run would
+        # refuse (chat template, lengths, context, references) is refused now, dry runs too
+        with timer.phase("model_prepare"):
+            try:
+                prepared = prepare_requests(spec, prompts)
+            except ConfigError:
+                raise
+            except Exception as e:  # a broken model folder: the job fails, recorded below
+                prepared = e
     except ConfigError as e:  # UnsupportedDecoding included
         if sweep_dir is None:
             raise
         return _record_invalid(cfg, results, e, job_dir, sweep_dir)
+    if spec.dry_run and isinstance(prepared, Exception):
+        if sweep_dir is None:
+            raise JobFailed(f"could not build the requests: {type(prepared).__name__}: "
+                            f"{prepared}")
+        return _record_invalid(cfg, results, prepared, job_dir, sweep_dir)
     if spec.dry_run:
         results.status = "VALIDATED"
         _write_results(job_dir, results)
-        print(f"valid: {' '.join(overrides) or '(defaults)'} ({len(prompts)} prompts)")
+        print(f"valid: {' '.join(overrides) or '(defaults)'} ({len(prompts)} prompts, "
+              f"{prepared.prompt_rendering} prompts of "
+              f"{min(len(q.prompt_token_ids) for q in prepared.requests)}-"
+              f"{max(len(q.prompt_token_ids) for q in prepared.requests)} tokens)")
         return results
 
     from pipeline import provenance
@@ -252,18 +273,21 @@ def run_job(cfg: DictConfig) -> JobResult:
         if done is not None:
             results.status, results.resumed_from = "SKIPPED", done["run_id"]
             results.metrics = done["metrics"]
-            _write_results(job_dir, results)
+            if not _finished_here(job_dir, results.config_hash):
+                # resumed in the killed sweep's own folder, a finished job keeps its file
+                _write_results(job_dir, results)
             print(f"skipped: {' '.join(overrides) or '(defaults)'} already FINISHED "
                   f"as MLflow run {done['run_id']} (resume=true)")
             return results
 
-    timer = PhaseTimer()
     records: list[RequestRecord] = []
     metrics: dict[str, float] = {}
     interrupted = False
     try:
+        if isinstance(prepared, Exception):
+            raise prepared
         with gpu_slot(spec):  # one GPU job at a time per GPU, whatever the launcher
-            records, metrics = _execute(spec, prompts, timer, results)
+            records, metrics = _execute(spec, prepared, timer, results)
         results.status = "FINISHED"
     except KeyboardInterrupt:
         interrupted = True
@@ -276,6 +300,8 @@ def run_job(cfg: DictConfig) -> JobResult:
         job_dir.mkdir(parents=True, exist_ok=True)
         (job_dir / "error.txt").write_text(traceback.format_exc())
         log.error("job failed: %s (traceback in %s)", results.error, job_dir / "error.txt")
+    # the job's end, not the logging's: results.json and MLflow carry the same duration
+    results.ended_at = int(time.time() * 1000)
     metrics.update({f"time_{k}_s": v for k, v in timer.seconds.items()})
     results.metrics = {k: v for k, v in metrics.items() if not _bad(v)}
     results.requests = [r.to_dict() for r in records]
@@ -294,39 +320,37 @@ def run_job(cfg: DictConfig) -> JobResult:
     return results
 
 
-def _execute(spec: Config, prompts: list[str], timer: PhaseTimer, results: JobResult
+def _execute(spec: Config, prepared: PreparedRequests, timer: PhaseTimer, results: JobResult
              ) -> tuple[list[RequestRecord], dict[str, float]]:
-    """Prepare the model, load the backend, measure, score; the heavy part of a job."""
-    from pipeline.models import resolve_model
-
+    """Load the backend, measure, score; the heavy part of a job."""
+    model_dir, requests = prepared.model_dir, prepared.requests
     with timer.phase("model_prepare"):
-        model_dir = resolve_model(spec.model, Path(spec.paths.cache_dir).resolve())
         _measure_machine_early(spec)
     backend = make_backend(spec, model_dir)
     try:
         with timer.phase("load"):
             backend.load()
         timer.sync = backend.sync
-        requests = make_requests(prompts, backend_tokenizer(backend, spec, model_dir),
-                                 spec.model.use_chat_template, spec.workload, spec.seed)
         records, metrics = measure(backend, spec, requests, timer, results.load_points)
         if not any(r.ok for r in records):
             raise RuntimeError(f"every request failed; first error: {records[0].error}")
         with timer.phase("scoring"):
             metrics.update(score(spec, model_dir, backend, records, requests))
         metrics.update(backend.extra_metrics())
-        results.applied = backend.applied_settings()
+        results.applied = {**backend.applied_settings(), **adapter_settings(spec.model),
+                           "prompt_rendering": prepared.prompt_rendering}
         metrics.update(_roofline(spec, backend.online, results.applied, metrics,
-                                 len(requests), model_dir))
+                                 len(requests), model_dir, results.provenance))
     finally:
         backend.close()
     return records, metrics
 
 
 def _measure_machine_early(spec: Config) -> None:
-    """Measure the machine's rates for the roofline (once per machine, cached) before the
-    model loads: after a job, compile workers or engine processes may still be busy and
-    the bandwidth would read low (seen: 23.7 instead of 30.9 GB/s)."""
+    """Measure the machine's rates for the roofline (once per machine, cached only when
+    the machine was idle while measuring) before the model loads: after a job, compile
+    workers or engine processes may still be busy and the bandwidth would read low (seen:
+    23.7 instead of 30.9 GB/s)."""
     from pipeline.devices import resolve_device, resolve_dtype_name
     from pipeline.measure.roofline import DTYPE_BYTES, cached_rates
 
@@ -341,7 +365,7 @@ def _measure_machine_early(spec: Config) -> None:
 
 
 def _roofline(spec: Config, online: bool, applied: dict, metrics: dict, n_requests: int,
-              model_dir: str) -> dict[str, float]:
+              model_dir: str, provenance: dict | None = None) -> dict[str, float]:
     from pipeline.measure.roofline import roofline_metrics
 
     w = spec.workload
@@ -351,7 +375,7 @@ def _roofline(spec: Config, online: bool, applied: dict, metrics: dict, n_reques
         return roofline_metrics(applied, min(in_flight, n_requests),
                                 metrics.get("output_tokens_per_s", 0.0),
                                 Path(spec.paths.cache_dir).resolve(), model_dir,
-                                spec.model.dtype)
+                                spec.model.dtype, provenance=provenance)
     except Exception as e:  # a missing roofline must not fail a measured job
         log.warning("roofline not computed: %s", e)
         return {}
@@ -362,6 +386,15 @@ def _write_results(job_dir: Path, results: JobResult) -> None:
     tmp = job_dir / "results.json.tmp"
     tmp.write_text(json.dumps(results.to_dict(), indent=1, default=str))
     tmp.replace(job_dir / "results.json")  # atomic: a killed job never leaves half a file
+
+
+def _finished_here(job_dir: Path, chash: str) -> bool:
+    """Whether ``job_dir`` already holds a FINISHED results.json of this config."""
+    try:
+        old = json.loads((job_dir / "results.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return old.get("status") == "FINISHED" and old.get("config_hash") == chash
 
 
 def _record_invalid(cfg: DictConfig, results: JobResult, e: Exception, job_dir: Path,
@@ -397,22 +430,10 @@ def _bad(v: Any) -> bool:
     return isinstance(v, float) and not math.isfinite(v)
 
 
-def backend_tokenizer(backend: Backend, spec: Config, model_dir: str) -> Any:
-    """The tokenizer that renders prompts: the backend's, or one loaded from the model dir."""
-    tok = backend.prompt_tokenizer()
-    if tok is not None:
-        return tok
-    return scorer_tokenizer(model_dir, spec)
-
-
 def _track(spec: Config, results: JobResult, job_dir: Path, sweep_dir: Path | None) -> None:
-    """Log the job to MLflow (a child of its sweep's parent run); never raises. The job's
-    end time is taken first, so the run's duration is the job's, not the logging's."""
+    """Log the job to MLflow (a child of its sweep's parent run); never raises."""
     from pipeline import tracking
 
-    if results.ended_at is None:
-        results.ended_at = int(time.time() * 1000)
-        _write_results(job_dir, results)  # atomic; sync logs the same times later
     parent = tracking.read_parent_id(sweep_dir) if sweep_dir else None
     if sweep_dir and parent is None:
         print(f"warning: no {tracking.PARENT_ID_FILE} in {sweep_dir}: this job is logged "

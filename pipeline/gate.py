@@ -2,12 +2,15 @@
 
 Pairs: a job's baseline is named by ``scoring.reference_run`` (a job number of this sweep or
 an MLflow run id whose ``results.json`` artifact is read), or found in the sweep: among the
-FINISHED jobs whose resolved configs are equal once the optimization keys
-(:data:`OPTIMIZATION_KEYS`) are left out, the one with the fewest optimizations switched on
-is the baseline of the others. The figures (``pipeline/metrics/gate.py``) go to
-``<sweep>/gate.json``, to each optimized job's MLflow run (``gate.*`` metrics, a
-``gate_verdict`` tag) and to the sweep's parent run (``gate.job<N>.*``), and from there to
-the report's "Fast but wrong?" table.
+FINISHED jobs that compute the same task -- equal model, decoding, workload and seed, and
+equal backend *task* fields, whatever the backend -- the one with the fewest optimizations
+switched on is the baseline of the others. What each ``backend.*`` field is (task,
+optimization with its "off" value, or bookkeeping) is declared by its backend class
+(``Backend.settings``, :class:`pipeline.backends.base.Setting`), never listed here.
+
+The figures (``pipeline/metrics/gate.py``) go to ``<sweep>/gate.json``, to each optimized
+job's MLflow run (``gate.*`` metrics, a ``gate_verdict`` tag) and to the sweep's parent run
+(``gate.job<N>.*``), and from there to the report's "Fast but wrong?" table.
 
 Teacher-forced KL needs a backend that can score a token sequence
 (``next_token_logprobs``, duck-typed: today the transformers backend); the two settings are
@@ -17,12 +20,14 @@ loaded one after the other in this process, after the sweep's jobs, for at most
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from pipeline.backends.base import Setting
 from pipeline.metrics import gate as g
 from pipeline.parity import token_parity
 from pipeline.records import JobResult, finished_jobs
@@ -32,72 +37,70 @@ log = logging.getLogger(__name__)
 
 GATE_FILE = "gate.json"
 
-#: backend keys that change speed, not (by intent) the model's answers; the value each
-#: takes when the optimization is off. Anything else differing makes two jobs incomparable.
-OPTIMIZATION_KEYS: dict[str, tuple[Any, ...]] = {
-    # speculative decoding
-    "prompt_lookup_num_tokens": (None, 0),
-    "draft_model": (None,),
-    "speculative_method": (None,),
-    "num_speculative_tokens": (None, 0),
-    "prompt_lookup_max": (None,),
-    "prompt_lookup_min": (None,),
-    "speculative_model": (None,),
-    # weights
-    "quantization": (None,),
-    "dtype": (None, "float32"),
-    # the compiled fast path
-    "compile": (False,),
-    "compile_mode": ("default",),
-    "inductor_freezing": (False,),
-    "inductor_cpp_wrapper": (False,),
-    "cache_implementation": ("dynamic",),
-    "pad_bucket": (32,),
-    "compile_cache_dir": (),  # never an optimization by itself; ignored in comparisons
-    # attention kernels
-    "attn_implementation": ("sdpa", "eager"),
-}
-
-#: keys that change how tokens are proposed, not how the model computes: teacher-forced
-#: KL between two jobs differing only in these is 0 by construction
-SPECULATIVE_KEYS = ("prompt_lookup_num_tokens", "draft_model", "speculative_method",
-                    "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
-                    "speculative_model")
+#: top-level config sections that never change what a job computes
+NOT_TASK = ("paths", "tracking", "print_table", "dry_run", "resume", "scoring", "measure")
 
 
-def _backend(config: dict[str, Any]) -> dict[str, Any]:
-    return dict(config.get("backend") or {})
+@functools.cache
+def _declarations(impl: str) -> tuple[dict[str, Setting], tuple[str, ...]] | None:
+    """The backend class's field declarations and inherent optimizations, or None when its
+    ``impl`` cannot be imported (every field then counts as a task field)."""
+    from pipeline.backends import backend_class
+
+    try:
+        cls = backend_class(impl)
+    except Exception as e:
+        log.warning("gate: backend.impl=%r cannot be imported (%s); its fields are all "
+                    "treated as task fields", impl, e)
+        return None
+    return cls.declared_settings(), tuple(cls.inherent_optimizations)
 
 
-def _speculation_off(b: dict[str, Any]) -> bool:
-    return not b.get("speculative_method") or not b.get("num_speculative_tokens")
+def _fields(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Setting]]:
+    b = dict(config.get("backend") or {})
+    decl = _declarations(str(b.get("impl")))
+    return b, decl[0] if decl else {}
+
+
+def task_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """The backend's task fields that are not at a neutral value, by name (value in
+    effect). An undeclared field counts as a task field: it might change anything."""
+    b, decl = _fields(config)
+    out = {}
+    for k, v in b.items():
+        d = decl.get(k)
+        if d is None:
+            out[k] = v
+        elif d.role == "task" and d.is_on(config, k):
+            out[k] = d.value(config, k)
+    return out
 
 
 def optimizations_on(config: dict[str, Any]) -> dict[str, Any]:
-    """The optimization keys of a job's backend that are not at their 'off' value."""
-    b = _backend(config)
-    on = {}
-    for k, off in OPTIMIZATION_KEYS.items():
-        if k not in b or not off or b[k] in off:
-            continue
-        if k in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
-                 "speculative_method") and _speculation_off(b):
-            continue  # K without a method (or a method with K = 0) speculates nothing
-        if k in ("compile_mode", "inductor_freezing", "inductor_cpp_wrapper",
-                 "pad_bucket") and not b.get("compile"):
-            continue  # only read under compile
-        on[k] = b[k]
-    return on
+    """The backend's optimization fields that are read for this job and not at their
+    'off' value (value in effect), as the backend class declares them."""
+    b, decl = _fields(config)
+    return {k: d.value(config, k) for k, d in decl.items()
+            if d.role == "optimization" and k in b and d.is_on(config, k)}
+
+
+def optimization_count(config: dict[str, Any]) -> int:
+    """Optimizations on plus those the engine always applies (how the baseline is picked:
+    the least-optimized comparable job)."""
+    decl = _declarations(str((config.get("backend") or {}).get("impl")))
+    return len(optimizations_on(config)) + (len(decl[1]) if decl else 0)
+
+
+def _state(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    return str((config.get("backend") or {}).get("impl")), optimizations_on(config)
 
 
 def comparable_key(config: dict[str, Any]) -> str:
-    """The resolved config without optimization keys (and the bookkeeping that never
-    changes results): jobs with equal keys compute the same task."""
-    c = {k: v for k, v in config.items() if k not in ("paths", "tracking", "print_table",
-                                                     "dry_run", "resume")}
-    c["backend"] = {k: v for k, v in _backend(config).items()
-                    if k not in OPTIMIZATION_KEYS and k != "name"}
-    c.pop("scoring", None)
+    """The resolved config without what never changes results and without the backend's
+    optimization and bookkeeping fields: jobs with equal keys compute the same task, on
+    the same backend or on different ones (hf can be the baseline of vLLM)."""
+    c = {k: v for k, v in config.items() if k not in NOT_TASK}
+    c["backend"] = task_fields(config)
     return json.dumps(c, sort_keys=True, default=str)
 
 
@@ -106,8 +109,9 @@ def find_pairs(jobs: list[tuple[Path, JobResult]], reference_run: str | None = N
                ) -> list[tuple[tuple[Path | None, JobResult], tuple[Path, JobResult]]]:
     """(baseline, optimized) pairs. With a ``reference`` (a job loaded from
     ``scoring.reference_run``), every job comparable to it is paired with it; else, per
-    group of comparable jobs, the least-optimized job (lowest job number on a tie) is the
-    baseline of every other job of the group that switches an optimization on."""
+    group of comparable jobs, the least-optimized job (:func:`optimization_count`, lowest
+    job number on a tie) is the baseline of every other job of the group that runs another
+    backend or switches other optimizations on."""
     if reference_run is not None and reference is None:
         by_num = {str(r.job_num): (d, r) for d, r in jobs}
         if str(reference_run) in by_num:
@@ -116,7 +120,7 @@ def find_pairs(jobs: list[tuple[Path, JobResult]], reference_run: str | None = N
         key = comparable_key(reference[1].config)
         return [(reference, j) for j in jobs
                 if j[1] is not reference[1] and comparable_key(j[1].config) == key
-                and optimizations_on(j[1].config) != optimizations_on(reference[1].config)]
+                and _state(j[1].config) != _state(reference[1].config)]
     groups: dict[str, list[tuple[Path, JobResult]]] = {}
     for j in jobs:
         groups.setdefault(comparable_key(j[1].config), []).append(j)
@@ -124,20 +128,48 @@ def find_pairs(jobs: list[tuple[Path, JobResult]], reference_run: str | None = N
     for members in groups.values():
         if len(members) < 2:
             continue
-        base = min(members, key=lambda j: (len(optimizations_on(j[1].config)),
+        base = min(members, key=lambda j: (optimization_count(j[1].config),
                                            j[1].job_num if j[1].job_num is not None else 1e9))
         for j in members:
-            if j is not base and optimizations_on(j[1].config) != optimizations_on(
-                    base[1].config):
+            if j is not base and _state(j[1].config) != _state(base[1].config):
                 pairs.append((base, j))
     return pairs
 
 
+def gated_optimizations(base: dict[str, Any], opt: dict[str, Any]) -> dict[str, Any]:
+    """What the optimized job switches on beyond its baseline (value in effect); a
+    different backend is named as ``backend``."""
+    (impl_b, on_b), (impl_o, on_o) = _state(base), _state(opt)
+    out = {k: v for k, v in on_o.items() if on_b.get(k, _OFF) != v}
+    if impl_b != impl_o:
+        out = {"backend": (opt.get("backend") or {}).get("name"), **out}
+    return out
+
+
+_OFF = object()
+
+
 def kl_informative(base: dict[str, Any], opt: dict[str, Any]) -> bool:
-    """False when the two jobs' backends differ only in speculative keys."""
-    b, o = _backend(base), _backend(opt)
-    differ = {k for k in set(b) | set(o) if b.get(k) != o.get(k)}
-    return bool(differ - set(SPECULATIVE_KEYS))
+    """False when the two jobs run the same backend and differ only in fields declared
+    ``numerics=False`` (speculative decoding: the same model scores every token, so
+    teacher-forced KL is 0 by construction)."""
+    (impl_b, on_b), (impl_o, on_o) = _state(base), _state(opt)
+    if impl_b != impl_o:
+        return True
+    _, decl = _fields(base)
+    differ = {k for k in set(on_b) | set(on_o) if on_b.get(k) != on_o.get(k)}
+    return any(decl[k].numerics for k in differ)
+
+
+def can_score(config: dict[str, Any]) -> bool:
+    """Whether the job's backend can score a token sequence (``next_token_logprobs``)."""
+    from pipeline.backends import backend_class
+
+    try:
+        cls = backend_class((config.get("backend") or {}).get("impl"))
+    except Exception:
+        return False
+    return hasattr(cls, "next_token_logprobs")
 
 
 def _scoring_backend(config: dict[str, Any], cache_dir: Path) -> tuple[Any, Any, Any]:
@@ -147,20 +179,18 @@ def _scoring_backend(config: dict[str, Any], cache_dir: Path) -> tuple[Any, Any,
 
     from pipeline.backends import backend_class, make_backend
     from pipeline.config import validate
-    from pipeline.experiment import backend_tokenizer
-    from pipeline.models import resolve_model
-    from pipeline.workload import load_prompts, make_requests
+    from pipeline.workload import load_prompts
+    from pipeline.workload.prepare import prepare_requests
 
     spec = validate(OmegaConf.create(config))
+    spec.paths.cache_dir = str(cache_dir)  # the sweep's cache, whatever the job's cwd was
     if not hasattr(backend_class(spec.backend.impl), "next_token_logprobs"):
         return None, spec, None
-    model_dir = resolve_model(spec.model, cache_dir)
-    backend = make_backend(spec, model_dir)
+    # the requests as the job built them: same tokenizer, template and lengths
+    prepared = prepare_requests(spec, load_prompts(spec.workload))
+    backend = make_backend(spec, prepared.model_dir)
     backend.load()
-    requests = make_requests(load_prompts(spec.workload),
-                             backend_tokenizer(backend, spec, model_dir),
-                             spec.model.use_chat_template, spec.workload, spec.seed)
-    return backend, spec, requests
+    return backend, spec, prepared.requests
 
 
 def teacher_forced(base: JobResult, opt: JobResult, cache_dir: Path, max_requests: int
@@ -172,8 +202,8 @@ def teacher_forced(base: JobResult, opt: JobResult, cache_dir: Path, max_request
 
     records = [r for r in base.requests if not r.get("error") and r.get("output_token_ids")]
     records = sorted(records, key=lambda r: r["index"])[:max_requests]
-    if not records:
-        return None
+    if not records or not (can_score(base.config) and can_score(opt.config)):
+        return None  # checked first: loading the baseline for nothing costs a model load
     base_lp: list[Any] = []
     backend, _, requests = _scoring_backend(base.config, cache_dir)
     if backend is None:
@@ -254,7 +284,7 @@ def sweep_gate(config: Any, sweep_dir: Path) -> dict[str, Any] | None:
             optimized={"job": o.job_num, "dir": odir.name,
                        "label": " ".join(x for x in o.overrides or []
                                          if x not in (b.overrides or [])) or _label(o)},
-            optimizations=optimizations_on(o.config),
+            optimizations=gated_optimizations(b.config, o.config),
             speedup=_speedup(b.metrics, o.metrics),
         )
         out_pairs.append(row)
@@ -336,5 +366,6 @@ def report_sweep_gate(config: Any, sweep_dir: Path) -> dict[str, Any] | None:
     return gate
 
 
-__all__ = ["report_sweep_gate", "sweep_gate", "find_pairs",
-           "optimizations_on", "comparable_key", "kl_informative"]
+__all__ = ["report_sweep_gate", "sweep_gate", "find_pairs", "teacher_forced",
+           "optimizations_on", "optimization_count", "gated_optimizations", "task_fields",
+           "comparable_key", "kl_informative"]

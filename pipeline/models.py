@@ -8,16 +8,15 @@ plus tokenizer under ``<cache_dir>/models/``. Later runs reuse that folder.
 
 from __future__ import annotations
 
-import fcntl
 import importlib.util
 import json
 import logging
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.config import ConfigError, ModelConfig, looks_local
+from pipeline.cache_lock import cache_lock
+from pipeline.config import ModelConfig, looks_local
+from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -61,18 +60,6 @@ def converted_dir(m: ModelConfig, cache_dir: Path) -> Path:
     return cache_dir / "models" / Path(m.gguf_file).stem
 
 
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    # Parallel sweep jobs (joblib/ray on one machine) may all ask for the same conversion.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def convert_gguf(gguf: Path, target: Path) -> None:
     """De-quantize ``gguf`` and save it as a plain float32 safetensors folder at ``target``."""
     import torch
@@ -109,15 +96,21 @@ def convert_gguf(gguf: Path, target: Path) -> None:
 
 
 def resolve_model(m: ModelConfig, cache_dir: Path) -> str:
-    """A local folder (or hub id) that ``from_pretrained`` and vLLM both accept."""
+    """A local folder (or hub id) that ``from_pretrained`` and vLLM both accept; for a
+    LoRA/PEFT adapter folder, its merge onto its base (pipeline/adapters.py)."""
     if m.source == "hf":
         assert m.path
+        from pipeline.adapters import adapter_dir, merge_adapter
+
+        if adapter_dir(m) is not None:
+            # a LoRA/PEFT adapter: every engine reads the base with it merged, made once
+            return str(merge_adapter(m, cache_dir))
         return str(Path(m.path).expanduser().resolve()) if looks_local(m.path) else m.path
     target = converted_dir(m, cache_dir)
     if (target / _DONE).is_file():
         return str(target)
     gguf = packaged_gguf(m)
-    with _file_lock(target.with_name(target.name + ".lock")):
+    with cache_lock(target.with_name(target.name + ".lock")):
         if not (target / _DONE).is_file():
             log.info("first use: converting %s to %s (once)", gguf, target)
             convert_gguf(gguf, target)

@@ -69,3 +69,6 @@ def test_roofline_table_runs_the_pipeline_sweep() -> None:
         assert tok_s > 0 and roof > 0 and share == pytest.approx(tok_s / roof, abs=0.01)
         assert ln[4] == "±"  # 3 repeats by default: mean ± 95% CI
     assert "CPU:" in p.stdout and "of it)" in p.stdout
+    # the rates the shares divide by, and whether they were read on a busy machine
+    assert "machine rates: read " in p.stdout
+    assert ("measured idle (cached)" in p.stdout) or ("measured on a busy machine" in p.stdout)

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from pipeline.config import ConfigError, register_configs, validate
+from pipeline.config import register_configs, validate
+from pipeline.errors import ConfigError
 from tests.conftest import ROOT, run_cli
 
 register_configs()
@@ -89,6 +90,12 @@ CLI_CASES = [
     ("workload.max_new_tokens=0", "workload.max_new_tokens"),
     ("workload.prompts_file=/nonexistent/prompts.txt", "no such file"),
     ("model=hf model.path=./no/such/model", "model.path"),
+    # Hydra's own "not in struct" / type refusals, in the project's one line
+    ("backend=hf backend.max_model_len=64", "backend.max_model_len=64 is invalid: unknown key"),
+    ("model.nosuch=1", "model.nosuch=1 is invalid: unknown key; allowed keys are"),
+    ("tracking.force_takeover=maybe", "tracking.force_takeover=maybe is invalid"),
+    ("-m backend=hf,vllm backend.enforce_eager=false", "(with backend=hf)"),
+    ("model.use_chat_template=sometimes", "model.use_chat_template"),
 ]
 
 

@@ -7,7 +7,6 @@ import pytest
 from pipeline.backends.hf import hf_generate_kwargs
 from pipeline.backends.vllm.sampling import check_vllm
 from pipeline.config import DecodingConfig
-from pipeline.decoding import strategy
 from pipeline.errors import UnsupportedDecoding
 
 
@@ -21,12 +20,6 @@ def test_sampling_passes_every_filter_so_model_defaults_cannot_leak() -> None:
     kw = hf_generate_kwargs(DecodingConfig(do_sample=True, temperature=0.7), 8, True)
     assert (kw["temperature"], kw["top_k"], kw["top_p"]) == (0.7, 0, 1.0)
     assert kw["min_new_tokens"] == kw["max_new_tokens"] == 8
-
-
-def test_strategy_names() -> None:
-    assert strategy(DecodingConfig()) == "greedy"
-    assert strategy(DecodingConfig(do_sample=True, temperature=0.5)) == "sample"
-    assert strategy(DecodingConfig(num_beams=4, do_sample=True)) == "beam"
 
 
 def test_length_penalty_without_beams_is_refused_by_hf() -> None:

@@ -14,22 +14,7 @@ from pipeline.metrics import gate as g
 from pipeline.records import JobResult
 
 T = g.THRESHOLDS
-
-
-def test_kl_of_identical_distributions_is_zero() -> None:
-    p = [0.1, 0.2, 0.7]
-    assert g.kl_divergence(p, p) == 0.0
-    assert g.kl_from_logprobs([math.log(x) for x in p], [math.log(x) for x in p]) == 0.0
-
-
-def test_known_kl_of_two_small_distributions() -> None:
-    # KL([.5,.5] || [.25,.75]) = .5 ln 2 + .5 ln(2/3)
-    want = 0.5 * math.log(2) + 0.5 * math.log(2 / 3)
-    assert g.kl_divergence([0.5, 0.5], [0.25, 0.75]) == pytest.approx(want)
-    assert g.kl_from_logprobs([math.log(0.5)] * 2,
-                              [math.log(0.25), math.log(0.75)]) == pytest.approx(want)
-    assert g.kl_divergence([1.0, 0.0], [0.5, 0.5]) == pytest.approx(math.log(2))
-    assert g.kl_divergence([0.5, 0.5], [1.0, 0.0]) == math.inf
+HF = "pipeline.backends.hf:HFBackend"
 
 
 def test_perplexity_and_deltas() -> None:
@@ -88,7 +73,7 @@ def test_summarize_takes_parity_and_teacher_forced_figures() -> None:
 
 
 def _job(num: int, backend: dict, tokens: list[int], tps: float = 10.0) -> JobResult:
-    base = {"name": "hf", "impl": "x:Y", "attn_implementation": "sdpa", "compile": False,
+    base = {"name": "hf", "impl": HF, "attn_implementation": "sdpa", "compile": False,
             "quantization": None, "prompt_lookup_num_tokens": None, "dtype": None,
             "cache_implementation": "dynamic", "pad_bucket": 32}
     return JobResult(status="FINISHED", job_num=num,
@@ -116,6 +101,29 @@ def test_baselines_are_found_in_the_sweep() -> None:
     assert sweep.find_pairs([jobs[0], (Path("4"), other)]) == []
     # named by scoring.reference_run
     assert [o[1].job_num for _, o in sweep.find_pairs(jobs, reference_run="1")] == [0, 2, 3]
+
+
+def test_kl_is_uninformative_only_for_speculation_alone() -> None:
+    base = _job(0, {}, [1]).config
+    spec = _job(1, {"prompt_lookup_num_tokens": 10}, [1]).config
+    spec_q = _job(2, {"prompt_lookup_num_tokens": 10, "quantization": "int8_dynamic"},
+                  [1]).config
+    assert not sweep.kl_informative(base, spec)
+    assert sweep.kl_informative(base, spec_q)  # quantization changes the distributions
+    # another backend computes differently whatever its speculative settings
+    other = {**spec, "backend": {**spec["backend"], "impl": "tests.toy_backend:ToyBackend"}}
+    assert sweep.kl_informative(base, other)
+
+
+def test_undeclared_or_unknown_fields_count_as_task_fields() -> None:
+    # a field the backend class does not declare might change anything: never ignored
+    a, b = _job(0, {}, [1]).config, _job(1, {"mystery": 2}, [1]).config
+    assert sweep.task_fields(b) == {"mystery": 2}
+    assert sweep.comparable_key(a) != sweep.comparable_key(b)
+    # an impl that cannot be imported: every field is a task field
+    c = {**a, "backend": {**a["backend"], "impl": "nosuch.module:Backend"}}
+    assert sweep.task_fields(c)["attn_implementation"] == "sdpa"
+    assert sweep.optimizations_on(c) == {}
 
 
 def test_sweep_gate_writes_gate_json_without_loading_a_model(tmp_path: Path) -> None:

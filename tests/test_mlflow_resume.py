@@ -1,12 +1,17 @@
 """``resume=true`` on a real store and real ``run.py`` sweeps (the toy backend, so a job
-costs seconds): a taken-over parent keeps one child per job, and a parent whose sweep may
-still be running is not taken over."""
+costs seconds; the SIGKILL test runs the packaged model, whose loads leave time to kill a
+job mid-way): a taken-over parent keeps one child per job, whatever folder the resumed
+sweep uses, and a parent whose sweep may still be running is not taken over."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -121,20 +126,36 @@ def test_resume_refuses_a_parent_whose_sweep_is_alive_and_takes_it_once_dead(
     assert len(_children(client, exp_id, pid)) == 1
 
 
-def _parent_with_owner(tmp_path: Path, host: str | None, pid: int | None) -> tuple[Any, str,
-                                                                                   str]:
-    """A RUNNING sweep parent (key ``k``) on a real SQLite store, owned by ``host``/``pid``
-    (no owner tags when None: a sweep from before they existed)."""
+def _killed_parent(client: Any, exp_id: str, folder: Path, host: str | None,
+                   pid: int | None) -> str:
+    """A RUNNING sweep parent (key ``k``) for ``folder``, owned by ``host``/``pid`` (no owner
+    tags when None: a sweep from before they existed), as another process left it."""
+    folder.mkdir(exist_ok=True)
+    owner = {} if host is None else {trk.OWNER_HOST_TAG: host, trk.OWNER_PID_TAG: str(pid)}
+    parent = trk.open_parent(client, exp_id, folder, {"sweep_key": "k", **owner})
+    trk._OPENED_HERE.discard(parent)  # opened by that other process, not this one
+    return parent
+
+
+def _sqlite_store(tmp_path: Path) -> tuple[Any, str]:
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
-    client = MlflowClient(tracking_uri=uri)
-    exp_id = client.create_experiment("resume")
-    old_dir = tmp_path / "old"
-    old_dir.mkdir()
-    owner = {} if host is None else {trk.OWNER_HOST_TAG: host, trk.OWNER_PID_TAG: str(pid)}
-    parent = trk.open_parent(client, exp_id, old_dir, {"sweep_key": "k", **owner})
-    return client, exp_id, parent
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    return client, client.create_experiment("resume")
+
+
+def _parent_with_owner(tmp_path: Path, host: str | None, pid: int | None) -> tuple[Any, str,
+                                                                                   str]:
+    """A real SQLite store holding one :func:`_killed_parent` (folder ``old``)."""
+    client, exp_id = _sqlite_store(tmp_path)
+    return client, exp_id, _killed_parent(client, exp_id, tmp_path / "old", host, pid)
+
+
+def _dead_pid() -> int:
+    """The pid of a process of this host that has exited and been reaped."""
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
 
 
 def test_resume_refuses_another_hosts_parent_unless_forced(tmp_path: Path) -> None:
@@ -169,3 +190,97 @@ def test_force_takeover_is_not_part_of_the_sweep_key() -> None:
     """``tracking.force_takeover=true`` added to a resume still finds the killed sweep."""
     assert trk.sweep_key(["decoding=greedy,beam"]) == trk.sweep_key(
         ["resume=true", "tracking.force_takeover=true", "decoding=greedy,beam"])
+
+
+def test_resume_into_the_killed_sweeps_folder_takes_its_parent_over(tmp_path: Path) -> None:
+    """Two killed sweeps with the same key left parents RUNNING; resuming into the older
+    one's folder (its ``hydra.sweep.dir`` again) takes that folder's parent, whose children
+    its job folders name, and marks the newer one KILLED."""
+    client, exp_id = _sqlite_store(tmp_path)
+    here = socket.gethostname()
+    mine = _killed_parent(client, exp_id, tmp_path / "a", here, _dead_pid())
+    time.sleep(0.05)  # the other one is the newest by start time
+    other = _killed_parent(client, exp_id, tmp_path / "b", here, _dead_pid())
+    assert trk.take_over_parent(client, exp_id, tmp_path / "a", "k") == mine
+    assert (tmp_path / "a" / trk.PARENT_ID_FILE).read_text() == mine
+    assert client.get_run(mine).info.status == "RUNNING"
+    assert client.get_run(mine).data.tags[trk.OWNER_PID_TAG] == str(os.getpid())
+    assert client.get_run(other).info.status == "KILLED"
+
+
+def test_resume_never_takes_over_a_parent_this_process_opened(tmp_path: Path) -> None:
+    """The parent this very process opened is its own live sweep's, never a killed one's,
+    whatever folder it names: it is left as it is (the owner pid alone cannot say so: a
+    killed sweep's pid may be this process's again)."""
+    client, exp_id = _sqlite_store(tmp_path)
+    (tmp_path / "own").mkdir()
+    own = trk.open_parent(client, exp_id, tmp_path / "own", {"sweep_key": "k",
+                                                              **trk.owner_tags()})
+    (tmp_path / "next").mkdir()
+    assert trk.take_over_parent(client, exp_id, tmp_path / "next", "k") is None
+    assert not (tmp_path / "next" / trk.PARENT_ID_FILE).exists()
+    run = client.get_run(own)
+    assert run.info.status == "RUNNING" and "resumed_sweep_dirs" not in run.data.tags
+
+
+def _kill_when_job_starts(args: tuple[str, ...], sweep_dir: Path, job: int,
+                          timeout_s: float = 300) -> None:
+    """Run ``run.py ARGS`` and SIGKILL its Python process as soon as Hydra has made job
+    ``job``'s folder (the jobs before it are done and logged); fails when the sweep ends
+    first or the job does not start within ``timeout_s``."""
+    log = sweep_dir.parent / "killed.log"
+    with log.open("w") as out:
+        p = subprocess.Popen([sys.executable, "run.py", *args], cwd=ROOT, stdout=out,
+                             stderr=subprocess.STDOUT, env={**os.environ,
+                                                            "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not (sweep_dir / str(job)).is_dir():
+                assert p.poll() is None, f"exited {p.returncode}: {log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, f"job {job} never started"
+                time.sleep(0.05)
+            p.send_signal(signal.SIGKILL)
+        finally:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+@pytest.mark.slow
+def test_resume_with_the_same_sweep_dir_continues_the_killed_sweeps_parent(
+        tmp_path: Path, model_dir: str) -> None:
+    """A 2x2 sweep with an explicit ``hydra.sweep.dir`` is SIGKILLed when job 2 starts;
+    the same command with ``resume=true`` (the same folder) takes the killed sweep's parent
+    over: one parent, FINISHED, one FINISHED child per job (jobs 0-1 the originals),
+    nothing left RUNNING."""
+    sweep_dir = tmp_path / "sweep"
+    args = ("-m", "backend=hf_kv,hf", "decoding=greedy,topp", f"hydra.sweep.dir={sweep_dir}",
+            f"paths.output_dir={tmp_path}", f"paths.cache_dir={CACHE_DIR}",
+            "workload.num_prompts=2", "workload.max_new_tokens=8", "workload.warmup=0",
+            "scoring.perplexity=false")
+    _kill_when_job_starts(args, sweep_dir, job=2)
+    assert not (sweep_dir / "2" / "results.json").exists()  # killed mid-sweep
+    client, exp_id = _store(tmp_path)
+    (killed,) = _parents(client, exp_id)
+    pid = killed.info.run_id
+    assert killed.info.status == "RUNNING"  # as the kill left it
+    first = {trk.job_number(r): r.info.run_id for r in _children(client, exp_id, pid)}
+    assert sorted(first) == [0, 1]
+
+    p = run_cli(*args, "resume=true")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert p.stdout.count("skipped:") == 2  # jobs 0 and 1
+    parents = _parents(client, exp_id)
+    assert [(r.info.run_id, r.info.status) for r in parents] == [(pid, "FINISHED")], \
+        [(r.info.run_id, r.info.status, r.data.tags.get("sweep_dir")) for r in parents]
+    assert (sweep_dir / trk.PARENT_ID_FILE).read_text() == pid
+    kids = {trk.job_number(k): k for k in _children(client, exp_id, pid)}
+    assert sorted(kids) == [0, 1, 2, 3]
+    assert {j: k.info.status for j, k in kids.items()} == dict.fromkeys(range(4), "FINISHED")
+    assert {j: kids[j].info.run_id for j in (0, 1)} == first  # not linked again
+    running = [r.info.run_name for r in client.search_runs([exp_id])
+               if r.info.status == "RUNNING"]
+    assert running == []
+    # the finished jobs' own files are kept, not replaced by SKIPPED stubs
+    kept = json.loads((sweep_dir / "0" / "results.json").read_text())
+    assert kept["status"] == "FINISHED" and kept["requests"], kept["status"]

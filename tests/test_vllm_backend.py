@@ -397,20 +397,20 @@ def test_engine_cache_keeps_one_idle_engine_and_stops_all() -> None:
 
 
 def test_per_request_lengths_and_context_check() -> None:
-    from pipeline.backends.vllm.common import check_context, output_lengths
+    """The one per-request context check (workload/limits.py), as the engines call it."""
+    from pipeline.backends.vllm.common import output_lengths
     from pipeline.errors import ConfigError
     from pipeline.records import Request
+    from pipeline.workload.limits import check_requests_fit
 
-    class Req:  # a Request with its own output length
-        index, prompt, prompt_token_ids, max_new_tokens = 1, "p", (1, 2, 3), 20
-
-    reqs = [Request(index=0, prompt="p", prompt_token_ids=(1, 2)), Req()]
-    lengths = output_lengths(reqs, 8)  # type: ignore[arg-type]
-    assert lengths == [8, 20]
-    check_context(reqs, lengths, 23, "vllm")  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="backend.max_model_len=22 .* 3-token prompt plus "
-                                          "workload.max_new_tokens=20"):
-        check_context(reqs, lengths, 22, "vllm")  # type: ignore[arg-type]
+    reqs = [Request(index=0, prompt="p", prompt_token_ids=(1, 2)),
+            Request(index=1, prompt="p", prompt_token_ids=(1, 2, 3), max_new_tokens=20,
+                    request_id="line 2")]
+    assert output_lengths(reqs, 8) == [8, 20]
+    check_requests_fit(reqs, 8, 23, "the limit")
+    with pytest.raises(ConfigError, match="workload.max_new_tokens=20 is invalid for line 2: "
+                                          "3 prompt tokens .* exceeds the limit"):
+        check_requests_fit(reqs, 8, 22, "the limit")
 
 
 def test_vllm_settings_validate_and_compose_from_the_yamls() -> None:
@@ -450,3 +450,56 @@ def test_vllm_settings_validate_and_compose_from_the_yamls() -> None:
     with pytest.raises(ConfigError, match="model.device='cpu' is invalid for backend="):
         VLLMServerBackend.check(spec)
     assert VLLMServerBackend.gpus_needed(spec) == 0
+
+
+def test_vllm_quantization_is_checked_before_anything_loads(tmp_path: Path) -> None:
+    """backend.quantization on both vLLM backends: refused in one line (key, value, what
+    the platform allows) without importing vLLM or torch, and handed to the engine and the
+    server command line when set."""
+    from pipeline.backends.vllm.common import VLLMServerBackendConfig, engine_env, engine_key
+    from pipeline.backends.vllm.engine import VLLMBackend
+    from pipeline.backends.vllm.quantization import QUANTIZATIONS
+    from pipeline.backends.vllm.server import VLLMServerBackend
+    from pipeline.errors import ConfigError
+    from tests.conftest import assert_refused_early
+
+    assert set(QUANTIZATIONS) == {"cpu", "cuda"}
+    assert_refused_early([
+        (["backend=vllm", "backend.quantization=int8_dynamic"],
+         "backend.quantization='int8_dynamic' is invalid: allowed values are fp8, "),
+        (["backend=vllm_server", "backend.quantization=q4"],
+         "backend.quantization='q4' is invalid: allowed values are fp8, "),
+        # a CUDA-only kernel asked of the CPU build: the CPU list is named
+        (["backend=vllm", "model.device=cpu", "backend.quantization=awq_marlin"],
+         "backend.quantization='awq_marlin' is invalid: backend vllm on cpu allows "
+         + ", ".join(QUANTIZATIONS["cpu"])),
+    ])
+    with pytest.raises(ConfigError, match="backend.quantization='int8_dynamic'"):
+        VLLMServerBackend.validate_settings(VLLMServerBackendConfig(quantization="int8_dynamic"))
+    VLLMBackend.validate_settings(VLLMBackendConfig(quantization="fp8"))
+    engine = VLLMBackend("/m", ModelConfig(), VLLMBackendConfig(quantization="fp8"), seed=0)
+    assert engine.engine_kwargs("float32")["quantization"] == "fp8"
+    assert "quantization" not in VLLMBackend("/m", ModelConfig(), VLLMBackendConfig(),
+                                             seed=0).engine_kwargs("float32")
+    server = VLLMServerBackend("/m", ModelConfig(), VLLMServerBackendConfig(
+        quantization="fp8_per_channel", log_dir=str(tmp_path)), seed=0)
+    cmd = server.server_command(8000)
+    assert cmd[cmd.index("--quantization") + 1] == "fp8_per_channel"
+    # an engine of other precision is never reused for a quantized job
+    env = {"A": "1"}
+    keys = {engine_key("/m", ModelConfig(), VLLMBackendConfig(quantization=q), "float32", 0,
+                       env) for q in (None, "fp8")}
+    assert len(keys) == 2 and engine_env(VLLMBackendConfig(), "vllm")
+
+
+@pytest.mark.vllm
+def test_quantization_allow_lists_are_methods_of_the_installed_vllm() -> None:
+    """Every allow-listed method is in the installed vLLM's quantization registry (a vLLM
+    upgrade that renames or drops one fails here, not in a user's engine start)."""
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
+
+    from pipeline.backends.vllm.quantization import QUANTIZATIONS
+
+    for platform, methods in QUANTIZATIONS.items():
+        missing = set(methods) - set(QUANTIZATION_METHODS)
+        assert not missing, f"{platform}: {sorted(missing)} not in vLLM's registry"

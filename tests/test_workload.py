@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, WorkloadConfig
+from pipeline.config import WorkloadConfig
+from pipeline.errors import ConfigError
 from pipeline.workload import batches, load_prompts, read_prompts_file
 
 

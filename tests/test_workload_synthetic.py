@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from pipeline.config import ConfigError, WorkloadConfig
+from pipeline.config import WorkloadConfig
+from pipeline.errors import ConfigError
 from pipeline.records import RequestRecord
 from pipeline.workload import annotate_records, load_prompts, make_requests, render_prompt
 from pipeline.workload.synthetic import common_prefix

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.backends.base import Backend, BackendConfig
+from pipeline.backends.base import Backend, BackendConfig, task
 from pipeline.errors import UnsupportedDecoding
 from pipeline.records import Request, RequestRecord
 
@@ -29,6 +29,8 @@ class ToyBackend(Backend):
 
     name = "toy"
     config_class = ToyConfig
+    #: every field is declared for the gate: the offset changes what is "generated"
+    settings = {"echo_offset": task()}
 
     def __init__(self, model_dir: str, model: Any, cfg: ToyConfig, seed: int) -> None:
         self.cfg = cfg

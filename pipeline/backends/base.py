@@ -8,17 +8,21 @@ compute metrics; metrics never know backends.
 A backend class also owns every plug-in point the pipeline needs from it, so that nothing
 outside ``pipeline/backends/`` names a backend: its settings schema (``config_class``),
 what it can honour (:meth:`Backend.check`, before anything loads), the GPUs it occupies
-(:meth:`Backend.gpus_needed`), its device synchronization (:meth:`Backend.sync`), the
-tokenizer that renders prompts (:meth:`Backend.prompt_tokenizer`), whether it can lend its
-model to the perplexity scorer (:meth:`Backend.scorer_model`) and the engines it keeps
-between jobs (:meth:`Backend.cached_engines`, :meth:`Backend.shutdown_cached`).
+(:meth:`Backend.gpus_needed`), its device synchronization (:meth:`Backend.sync`),
+whether it can lend its
+model to the perplexity scorer (:meth:`Backend.scorer_model`), the engines it keeps
+between jobs (:meth:`Backend.cached_engines`, :meth:`Backend.shutdown_cached`) and what each
+of its settings means to the sweep-end gate (:attr:`Backend.settings`: every field of its
+``config_class`` is a *task*, *optimization* or *bookkeeping* field, see :class:`Setting`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from omegaconf import MISSING
 
@@ -40,6 +44,90 @@ class BackendConfig:
     impl: str = MISSING
 
 
+#: what a field is to the gate (pipeline/gate.py), see :class:`Setting`
+ROLES = ("task", "optimization", "bookkeeping")
+
+#: a job's resolved config as ``results.json`` holds it (``backend``, ``model``,
+#: ``decoding``, ``workload``, ``seed`` ...); what a :class:`Setting`'s callables read
+Job = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What one ``backend.*`` field means when two jobs are compared (the gate).
+
+    - ``task``: it changes what is computed; jobs that differ in it are not comparable.
+      ``off`` lists the values at which it computes what a backend without the field
+      computes (dropped from the comparison, so that hf and vLLM jobs can be compared).
+    - ``optimization``: it changes speed, and by intent not the model's answers; ``off``
+      lists the values at which it is switched off (the baseline's). Jobs differing only in
+      optimizations are comparable; the gate checks each against the least-optimized one.
+    - ``bookkeeping``: names, paths, caches and resources (threads, memory, timeouts):
+      never compared, never counted.
+
+    ``read_if(job)``: whether the backend reads the field for this job (``compile_mode``
+    only under ``compile``); an unread field counts as off. ``effective(value, job)``: the
+    value in effect (``dtype=null`` is ``model.dtype``). ``numerics=False`` marks a field
+    that changes how tokens are proposed, never the model's next-token distributions
+    (speculative decoding): teacher-forced KL between jobs differing only in such fields is
+    0 by construction, so the gate does not read it.
+    """
+
+    role: str
+    off: tuple[Any, ...] = ()
+    read_if: Callable[[Job], bool] | None = None
+    effective: Callable[[Any, Job], Any] | None = None
+    numerics: bool = True
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"Setting.role={self.role!r}: allowed values are "
+                             f"{', '.join(ROLES)}")
+        if self.role == "optimization" and not self.off:
+            raise ValueError("an optimization Setting needs its 'off' value(s)")
+
+    def value(self, job: Job, name: str) -> Any:
+        """The field's value in effect for ``job`` (its ``backend.<name>``)."""
+        v = backend_of(job).get(name)
+        return self.effective(v, job) if self.effective is not None else v
+
+    def is_on(self, job: Job, name: str) -> bool:
+        """Optimization and task fields: read for ``job`` and not at an ``off`` value."""
+        if self.role == "bookkeeping":
+            return False
+        if self.read_if is not None and not self.read_if(job):
+            return False
+        return self.value(job, name) not in self.off
+
+
+def task(off: tuple[Any, ...] = (), effective: Callable[[Any, Job], Any] | None = None
+         ) -> Setting:
+    """A field that changes what is computed (``off``: where it computes what a backend
+    without the field computes)."""
+    return Setting("task", off, effective=effective)
+
+
+def optimization(off: tuple[Any, ...], read_if: Callable[[Job], bool] | None = None,
+                 effective: Callable[[Any, Job], Any] | None = None,
+                 numerics: bool = True) -> Setting:
+    """A speed setting, off at ``off`` (see :class:`Setting`)."""
+    return Setting("optimization", off, read_if, effective, numerics)
+
+
+#: names, paths, caches, resources
+BOOKKEEPING = Setting("bookkeeping")
+
+
+def backend_of(job: Job) -> Mapping[str, Any]:
+    """``job["backend"]`` (empty when absent)."""
+    return job.get("backend") or {}
+
+
+def model_dtype(value: Any, job: Job) -> Any:
+    """``backend.dtype=null`` stands for ``model.dtype``."""
+    return value if value is not None else (job.get("model") or {}).get("dtype")
+
+
 class Backend(ABC):
     """Base class of every inference backend."""
 
@@ -49,6 +137,28 @@ class Backend(ABC):
     config_class: type[BackendConfig] = BackendConfig
     #: honours ``Request.max_new_tokens`` per request (else a batch shares one length)
     per_request_output_lengths: bool = False
+    #: what each field of ``config_class`` is to the gate (:class:`Setting`), declared next
+    #: to the config class; ``name`` and ``impl`` are declared here. A field left out is
+    #: treated as a task field (and a test fails on it)
+    settings: ClassVar[Mapping[str, Setting]] = {}
+    #: optimizations the engine always applies, with no switch (vLLM's paged KV cache...):
+    #: counted with the fields that are on when the gate picks the least-optimized job
+    inherent_optimizations: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def declared_settings(cls) -> dict[str, Setting]:
+        """Every ``backend.*`` field's :class:`Setting`: ``name``/``impl`` (bookkeeping)
+        and the class's own :attr:`settings`."""
+        return {"name": BOOKKEEPING, "impl": BOOKKEEPING, **cls.settings}
+
+    @classmethod
+    def undeclared_settings(cls) -> list[str]:
+        """Fields of ``config_class`` without a declaration, and declarations naming no
+        field (``"+stale"``): both are mistakes a test catches."""
+        fields = [f.name for f in dataclasses.fields(cls.config_class)]
+        declared = cls.declared_settings()
+        return ([f for f in fields if f not in declared]
+                + [f"+{d}" for d in declared if d not in fields])
 
     # ------------------------------------------------------------ before anything loads
 
@@ -88,11 +198,6 @@ class Backend(ABC):
     def sync(self) -> None:  # noqa: B027 - optional hook
         """Wait for the device to finish queued work before a clock is read (no-op on
         CPU and for engines that return only finished work)."""
-
-    def prompt_tokenizer(self) -> Any | None:
-        """The tokenizer that renders prompts into token ids; None -> the pipeline loads
-        one from the model folder."""
-        return getattr(self, "tokenizer", None)
 
     def scorer_model(self, dtype: Any) -> Any | None:
         """This backend's own transformers model, when it can score perplexity in ``dtype``

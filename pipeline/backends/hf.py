@@ -14,7 +14,16 @@ from typing import TYPE_CHECKING, Any
 from pipeline.backends import hf_quantization as hq
 from pipeline.backends import hf_speculative as hs
 from pipeline.backends import hf_static as hst
-from pipeline.backends.base import Backend, BackendConfig
+from pipeline.backends.base import (
+    BOOKKEEPING,
+    Backend,
+    BackendConfig,
+    Job,
+    Setting,
+    backend_of,
+    model_dtype,
+    optimization,
+)
 from pipeline.config import DTYPES, DecodingConfig, ModelConfig, check_choice, check_range
 from pipeline.devices import resolve_device, torch_dtype
 from pipeline.errors import ConfigError, UnsupportedDecoding
@@ -67,6 +76,52 @@ class HFBackendConfig(BackendConfig):
     #: fixed-shape decode steps, no per-step logits processors; greedy and sampling) |
     #: auto (static where it applies, else generate; applied.decode_loop says which ran)
     decode_loop: str = "generate"
+
+
+def _compiled(job: Job) -> bool:
+    return bool(backend_of(job).get("compile"))
+
+
+def _loop(value: Any, job: Job) -> str:
+    """``auto`` resolved for the job's decoding (what ``applied.decode_loop`` records)."""
+    from types import SimpleNamespace
+
+    if value == "generate":
+        return "generate"
+    fields = {**HFBackendConfig().__dict__, **backend_of(job)}
+    dec = {**DecodingConfig().__dict__, **(job.get("decoding") or {})}
+    why = hst.unsupported(SimpleNamespace(**dec), SimpleNamespace(**fields))  # type: ignore[arg-type]
+    return "generate" if why else "static"
+
+
+#: what each ``backend.*`` field of :class:`HFBackendConfig` is to the gate. The reference
+#: is transformers' plainest computation: eager attention, no KV cache (every step
+#: recomputes the whole sequence), float32, generate's own loop; everything that departs
+#: from it is an optimization the gate checks against it.
+HF_SETTINGS: dict[str, Setting] = {
+    "attn_implementation": optimization(("eager",)),
+    "use_cache": optimization((False,)),
+    "cache_implementation": optimization(
+        ("dynamic",), read_if=lambda j: bool(backend_of(j).get("use_cache", True))),
+    "compile": optimization((False,)),
+    "compile_mode": optimization(("default",), read_if=_compiled),
+    "inductor_freezing": optimization((False,), read_if=_compiled),
+    "inductor_cpp_wrapper": optimization((False,), read_if=_compiled),
+    "inductor_weight_prepack": optimization(
+        (False,), read_if=lambda j: _compiled(j) and bool(
+            backend_of(j).get("inductor_freezing"))),
+    # left padding to a bucket: only generate's loop under compile pads
+    "pad_bucket": optimization(
+        (1,), read_if=lambda j: _compiled(j) and _loop(
+            backend_of(j).get("decode_loop", "generate"), j) == "generate"),
+    "compile_cache_dir": BOOKKEEPING,
+    "dtype": optimization(("float32",), effective=model_dtype),
+    "num_threads": BOOKKEEPING,
+    "prompt_lookup_num_tokens": optimization((None, 0), numerics=False),
+    "draft_model": optimization((None,), numerics=False),
+    "quantization": optimization((None,)),
+    "decode_loop": optimization(("generate",), effective=_loop),
+}
 
 
 def hf_generate_kwargs(d: DecodingConfig, max_new_tokens: int, fixed_length: bool) -> dict:
@@ -152,6 +207,7 @@ class HFBackend(Backend):
 
     name = "hf"
     config_class = HFBackendConfig
+    settings = HF_SETTINGS
 
     @classmethod
     def validate_settings(cls, cfg: HFBackendConfig) -> None:  # type: ignore[override]

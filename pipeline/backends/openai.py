@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pipeline.backends.base import Backend, BackendConfig
+from pipeline.backends.base import BOOKKEEPING, Backend, BackendConfig, Setting, task
 from pipeline.config import DecodingConfig, ModelConfig, check_choice, check_range, fail
 from pipeline.errors import ConfigError, UnsupportedDecoding
 from pipeline.records import Request, RequestRecord
@@ -51,6 +51,21 @@ class OpenAIBackendConfig(BackendConfig):
     prompt_format: str = "auto"
     connect_timeout_s: float = 10.0
 
+
+#: what each field is to the gate: the endpoint, its model and how prompts and sampling
+#: fields are sent decide what is computed (task); the key's variable name, streaming (the
+#: only mode) and the time-out are bookkeeping. With an unknown server behind the URL, an
+#: openai job is comparable only with jobs against the same endpoint.
+OPENAI_SETTINGS: dict[str, Setting] = {
+    "base_url": task(),
+    "model": task(),
+    "api": task(),
+    "api_key_env": BOOKKEEPING,
+    "stream": BOOKKEEPING,
+    "vllm_extensions": task(),
+    "prompt_format": task(),
+    "connect_timeout_s": BOOKKEEPING,
+}
 
 
 def openai_body(
@@ -135,6 +150,7 @@ class OpenAIBackend(Backend):
 
     name = "openai"
     config_class = OpenAIBackendConfig
+    settings = OPENAI_SETTINGS
     online = True
     per_request_output_lengths = True
 

@@ -50,33 +50,6 @@ TASK_METRIC_SCALE: dict[str, float] = {"ref_bleu": 100.0, "ref_chrf": 100.0}
 NOT_TASK_METRICS = ("ref_scored_requests",)
 
 
-def kl_divergence(p: Sequence[float], q: Sequence[float]) -> float:
-    """KL(p || q) in nats for two probability vectors over the same support. Terms with
-    p = 0 contribute 0; q = 0 where p > 0 gives ``inf``."""
-    if len(p) != len(q):
-        raise ValueError(f"distributions of different sizes: {len(p)} vs {len(q)}")
-    total = 0.0
-    for pi, qi in zip(p, q, strict=True):
-        if pi <= 0.0:
-            continue
-        if qi <= 0.0:
-            return math.inf
-        total += pi * math.log(pi / qi)
-    return max(total, 0.0)
-
-
-def kl_from_logprobs(logp: Sequence[float], logq: Sequence[float]) -> float:
-    """KL(p || q) from log-probabilities (what a model's log-softmax gives)."""
-    if len(logp) != len(logq):
-        raise ValueError(f"distributions of different sizes: {len(logp)} vs {len(logq)}")
-    total = 0.0
-    for lp, lq in zip(logp, logq, strict=True):
-        if lp == -math.inf:
-            continue
-        total += math.exp(lp) * (lp - lq)
-    return max(total, 0.0)
-
-
 def mean(values: Sequence[float]) -> float | None:
     """Arithmetic mean; None for no values."""
     return sum(values) / len(values) if values else None

@@ -18,8 +18,10 @@ from pipeline.records import RequestRecord
 
 __all__ = [
     "GOODPUT_SLO_KEYS",
+    "SLO_DIALECTS",
     "batch_phase_metrics",
     "e2el",
+    "e2el_sched",
     "goodput",
     "itl",
     "latency_metrics",
@@ -27,6 +29,7 @@ __all__ = [
     "peak_concurrency",
     "schedule_metrics",
     "slo_percentiles",
+    "slo_value",
     "summarize",
     "throughput_metrics",
     "tpot",
@@ -184,27 +187,48 @@ def batch_phase_metrics(records: Sequence[RequestRecord]) -> dict[str, float]:
     return out
 
 
-def _meets_slo(r: RequestRecord, slo: Mapping[str, float]) -> bool:
+#: the two timing conventions an SLO on TTFT/E2EL can be judged in (see "load points")
+SLO_DIALECTS: tuple[str, ...] = ("schedule", "send")
+
+
+def slo_value(r: RequestRecord, key: str, dialect: str = "send") -> float | None:
+    """The latency an SLO ``key`` judges, in seconds (None: the request has none).
+
+    ``dialect="send"`` measures TTFT and E2EL from the actual send (vLLM's convention);
+    ``"schedule"`` from the scheduled send (MLPerf's), falling back to the actual send for
+    a record without a schedule. TPOT is the same in both: it starts at the first token.
+    """
+    if dialect not in SLO_DIALECTS:
+        raise ValueError(f"unknown SLO dialect {dialect!r}; allowed: {', '.join(SLO_DIALECTS)}")
+    sched = dialect == "schedule" and r.extra.get("t_scheduled") is not None
+    if key == "ttft_ms":
+        return ttft_sched(r) if sched else ttft(r)
+    if key == "tpot_ms":
+        return tpot(r)
+    if key == "e2el_ms":
+        return e2el_sched(r) if sched else e2el(r)
+    raise ValueError(f"unknown SLO key {key!r}; allowed: {', '.join(GOODPUT_SLO_KEYS)}")
+
+
+def _meets_slo(r: RequestRecord, slo: Mapping[str, float], dialect: str = "send") -> bool:
     if not r.ok:
         return False
     for key, limit_ms in slo.items():
-        if key == "ttft_ms":
-            value = ttft(r)
-            # No first token means TTFT cannot be shown to meet the target.
-            if value is None or value * 1000.0 > limit_ms:
-                return False
-        elif key == "tpot_ms":
-            value = tpot(r)
-            # Single-token outputs have no decode phase, so no TPOT to violate.
-            if value is not None and value * 1000.0 > limit_ms:
-                return False
-        elif key == "e2el_ms" and e2el(r) * 1000.0 > limit_ms:
+        value = slo_value(r, key, dialect)
+        if value is None:
+            # No first token means TTFT cannot be shown to meet the target; single-token
+            # outputs have no decode phase, so no TPOT to violate.
+            if key == "tpot_ms":
+                continue
+            return False
+        if value * 1000.0 > limit_ms:
             return False
     return True
 
 
 def goodput(
-    records: Sequence[RequestRecord], wall_s: float, slo: Mapping[str, float]
+    records: Sequence[RequestRecord], wall_s: float, slo: Mapping[str, float],
+    dialect: str = "send",
 ) -> dict[str, float]:
     """Rate and fraction of requests meeting every configured SLO (``<=`` threshold, ms).
 
@@ -212,6 +236,8 @@ def goodput(
     and meets every SLO; a request without a TPOT (N_out <= 1) meets the TPOT SLO, one
     without a first token fails the TTFT SLO. ``goodput_fraction`` is good / all records
     (0.0 for no records). An empty ``slo`` gives ``{}``: goodput is not configured.
+    ``dialect``: TTFT/E2EL from the actual send (``send``) or the scheduled one
+    (``schedule``), as :func:`slo_value`.
     """
     unknown = [k for k in slo if k not in GOODPUT_SLO_KEYS]
     if unknown:
@@ -221,7 +247,7 @@ def goodput(
     if not slo:
         return {}
     _check_wall(wall_s)
-    good = sum(1 for r in records if _meets_slo(r, slo))
+    good = sum(1 for r in records if _meets_slo(r, slo, dialect))
     return {
         "goodput_requests_per_s": good / wall_s,
         "goodput_fraction": good / len(records) if records else 0.0,
@@ -331,12 +357,13 @@ def weighted_means(records: Sequence[RequestRecord]) -> dict[str, float]:
 
 
 def slo_percentiles(records: Sequence[RequestRecord], slo: Mapping[str, float],
-                    percentile: float) -> dict[str, float]:
+                    percentile: float, dialect: str = "send") -> dict[str, float]:
     """Each SLO'd latency at ``percentile`` over *all* records, and ``slo_met`` (1.0/0.0).
 
     A failed (or aborted) request counts as infinitely late, so errors can never help a
-    point pass; a request with no TPOT (N_out <= 1) counts as 0 for the TPOT SLO. Values
-    are from the actual send (vLLM's convention), as the SLOs of :func:`goodput` are.
+    point pass; a request with no TPOT (N_out <= 1) counts as 0 for the TPOT SLO. TTFT and
+    E2EL are from the actual send (``dialect="send"``, vLLM's convention) or from the
+    scheduled send (``"schedule"``, MLPerf's: client-side lateness and queueing count).
     """
     unknown = [k for k in slo if k not in GOODPUT_SLO_KEYS]
     if unknown:
@@ -349,7 +376,7 @@ def slo_percentiles(records: Sequence[RequestRecord], slo: Mapping[str, float],
             if not r.ok:
                 vals.append(math.inf)
                 continue
-            v = ttft(r) if key == "ttft_ms" else tpot(r) if key == "tpot_ms" else e2el(r)
+            v = slo_value(r, key, dialect)
             if v is None:
                 v = 0.0 if key == "tpot_ms" else math.inf
             vals.append(v * 1000.0)

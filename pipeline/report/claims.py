@@ -19,7 +19,7 @@ import pandas as pd
 from pipeline.report import noise
 from pipeline.report.collect import JobRun
 from pipeline.report.expectations import EXPECTATIONS, Expectation
-from pipeline.report.tables import BOOKKEEPING_PARAMS, Column, Sweep, Table, number, plain
+from pipeline.report.table_model import BOOKKEEPING_PARAMS, Column, Sweep, Table, number, plain
 
 METRIC = "output_tokens_per_s"
 

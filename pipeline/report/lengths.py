@@ -20,7 +20,7 @@ import pandas as pd
 from pipeline.report.catalog import MIB, missing
 from pipeline.report.collect import JobRun
 from pipeline.report.expectations import BY_NAME, Expectation, for_param
-from pipeline.report.tables import (
+from pipeline.report.table_model import (
     Column,
     Sweep,
     Table,

@@ -8,18 +8,36 @@ shows (header and how a row's cell is written).
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from pipeline.report import noise
-from pipeline.report.catalog import METRICS, SPECS, format_metric, format_number, missing
+from pipeline.report.catalog import SPECS, format_metric, missing
+from pipeline.report.claims import expected_table
 from pipeline.report.collect import JobRun, SweepData
+from pipeline.report.lengths import length_tables
 
-Row = Mapping[str, Any]
+# the table model, also read from here by render, plots and interactive
+from pipeline.report.table_model import (  # noqa: F401
+    BOOKKEEPING_PARAMS,
+    Column,
+    Row,
+    Sweep,
+    Table,
+    axis_headers,
+    cell,
+    display_tables,
+    flag,
+    metric,
+    number,
+    plain,
+    select_job,
+    short_label,
+    swept_params,
+    varying_overrides,
+)
 
 # Speed-up vs the baseline: (metric, column, header); throughput is job/base, latency base/job.
 SPEEDUPS = (
@@ -35,8 +53,6 @@ SAVINGS = (
 )
 TRADEOFF_METRICS = ("perplexity", "self_bleu", "distinct_2", "rep_2", "output_tokens_per_s")
 LATENCY_AXES = ("e2el_ms_mean", "ttft_ms_mean")  # the Pareto fronts' x axes
-# Params that say where files go or how runs are logged, never what was measured.
-BOOKKEEPING_PARAMS = ("paths.", "tracking.", "print_table", "dry_run", "resume")
 # Words for the trade-off readings: metric -> (best, worst).
 READING_WORDS = {
     "output_tokens_per_s": ("fastest", "slowest"),
@@ -51,104 +67,31 @@ READING_WORDS = {
 # --------------------------------------------------------------------------- Table
 
 
-def cell(v: Any) -> str:
-    """A plain cell: ``-`` when missing, else ``str``."""
-    return "-" if missing(v) else str(v)
 
 
-def flag(v: Any) -> bool:
-    """A table flag (bool, numpy bool, or None/NaN for "not applicable") as a bool."""
-    return not missing(v) and bool(v)
 
 
-@dataclass(frozen=True)
-class Column:
-    """A shown column: its header and how a raw row becomes its cell."""
-
-    header: str
-    text: Callable[[Row], str]
 
 
-def plain(key: str, header: str | None = None) -> Column:
-    """The raw value as it is (``-`` when missing)."""
-    return Column(header or key, lambda r: cell(r.get(key)))
 
 
-def metric(key: str, header: str | None = None) -> Column:
-    """A catalog metric, formatted as everywhere else."""
-    return Column(header or SPECS[key].header, lambda r: format_metric(key, r.get(key)))
 
 
-def number(key: str, header: str, fmt: str) -> Column:
-    """A derived number (a ratio, a percentile) with its own format spec."""
-    return Column(header, lambda r: format_number(r.get(key), fmt))
 
 
-@dataclass
-class Table:
-    """Raw rows (``frame``) and the columns the report shows of them."""
-
-    frame: pd.DataFrame
-    columns: list[Column]
-
-    def display(self) -> pd.DataFrame:
-        """The table as the report prints it: strings under human headers."""
-        rows = self.frame.to_dict("records")
-        return pd.DataFrame([{c.header: c.text(r) for c in self.columns} for r in rows],
-                            columns=[c.header for c in self.columns] if rows else None)
 
 
-def display_tables(tables: Mapping[str, Table]) -> dict[str, pd.DataFrame]:
-    """Every table as shown."""
-    return {name: t.display() for name, t in tables.items()}
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def swept_params(jobs: list[JobRun]) -> list[str]:
-    """The params whose values differ across jobs (bookkeeping params left out).
-
-    A param only some jobs have (``backend.max_num_seqs`` when hf meets vllm) comes with a
-    preset, so it is left out unless an override names it."""
-    named = {t.split("=", 1)[0].lstrip("+~") for j in jobs
-             for t in j.tags.get("hydra_overrides", "").split() if "=" in t}
-    keys = sorted({k for j in jobs for k in j.params})
-    out = []
-    for k in keys:
-        if k.startswith(BOOKKEEPING_PARAMS):
-            continue
-        if not all(k in j.params for j in jobs) and k not in named:
-            continue
-        if len({j.params.get(k) for j in jobs}) > 1:
-            out.append(k)
-    # the preset's name first: it is what the user swept, the rest follows from it
-    return sorted(out, key=lambda k: (not k.endswith(".name"), k))
 
 
-def axis_headers(params: list[str]) -> dict[str, str]:
-    """Short headers for swept params: the last part (``temperature``; the group for a
-    preset's name: ``decoding.name`` -> ``decoding``) where no other swept param shares it,
-    else the full dotted name."""
-    last = [p.removesuffix(".name").rsplit(".", 1)[-1] for p in params]
-    return {p: (s if last.count(s) == 1 else p) for p, s in zip(params, last, strict=True)}
 
 
-def varying_overrides(jobs: list[JobRun]) -> dict[str, str]:
-    """Per run id, the job's Hydra overrides less those every job shares (what was swept)."""
-    toks = {j.run_id: j.tags.get("hydra_overrides", "").split() for j in jobs}
-    common = set.intersection(*(set(t) for t in toks.values())) if len(jobs) > 1 else set()
-    out = {}
-    for j in jobs:
-        mine = [t for t in toks[j.run_id] if t not in common]
-        out[j.run_id] = " ".join(mine) or j.tags.get("decoding") or j.name
-    return out
 
 
-def short_label(job: JobRun, overrides: str) -> str:
-    """A plot label: the job number and the swept values (``0 greedy``)."""
-    vals = [t.split("=", 1)[1] if "=" in t else t for t in overrides.split()]
-    return f"{job.job} {' '.join(vals)}".strip()
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
@@ -164,32 +107,6 @@ def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
     return out
 
 
-def select_job(jobs: list[JobRun], selector: str | None) -> JobRun:
-    """The job a selector names: ``key=value`` terms (all must match a tag, a param, a
-    param's ``.name``, or the job's overrides; ``job=N`` is the job number) or a run
-    name / run id. No selector: the first FINISHED job."""
-    if not jobs:
-        raise ValueError("the sweep has no job runs")
-    if not selector:
-        return next((j for j in jobs if j.status == "FINISHED"), jobs[0])
-    terms = selector.split()
-
-    def matches(j: JobRun, term: str) -> bool:
-        if "=" not in term:
-            return term in (j.run_id, j.name, str(j.job))
-        k, v = term.split("=", 1)
-        if k == "job":
-            return str(j.job) == v
-        return (j.tags.get(k) == v or j.params.get(k) == v or j.params.get(f"{k}.name") == v
-                or term in j.tags.get("hydra_overrides", "").split())
-
-    hits = [j for j in jobs if all(matches(j, t) for t in terms)]
-    if len(hits) != 1:
-        names = ", ".join(f"{j.job}:{j.name}" for j in (hits or jobs))
-        what = "no job matches" if not hits else f"{len(hits)} jobs match"
-        raise ValueError(f"baseline {selector!r}: {what} ({names}); refine it, e.g. "
-                         f"'decoding=greedy backend=hf' or a run name")
-    return hits[0]
 
 
 def request_latencies(results: dict[str, Any] | None) -> tuple[list[float], list[float]]:
@@ -249,29 +166,6 @@ def readings(jobs: list[JobRun], baseline: JobRun) -> dict[str, str]:
 # --------------------------------------------------------------------------- the tables
 
 
-@dataclass
-class Sweep:
-    """What every table of one report shares: the jobs, the baseline, the swept axes, each
-    job's varying overrides and the catalog metrics some job has."""
-
-    data: SweepData
-    base: JobRun
-    axes: list[str]
-    over: dict[str, str]
-    present: list[str]
-
-    @classmethod
-    def of(cls, data: SweepData, baseline: str | None) -> Sweep:
-        """Derive the shared facts once (raises ValueError for a bad baseline)."""
-        jobs = data.jobs
-        return cls(data, select_job(jobs, baseline), swept_params(jobs),
-                   varying_overrides(jobs),
-                   [m.key for m in METRICS if any(m.key in j.metrics for j in jobs)])
-
-    @property
-    def jobs(self) -> list[JobRun]:
-        """The sweep's job runs, in job order."""
-        return self.data.jobs
 
 
 def _mean_ci(key: str) -> Column:
@@ -472,9 +366,6 @@ def build_tables(data: SweepData, baseline: str | None = None) -> dict[str, Tabl
     ``runs`` (the jobs' run names and ids), and
     from :mod:`pipeline.report.lengths` ``scaling``, ``length_ratios``, ``prefix_ttft``
     (empty when the sweep varies no length / has no prefix groups)."""
-    from pipeline.report.claims import expected_table  # both build on this module
-    from pipeline.report.lengths import length_tables
-
     s = Sweep.of(data, baseline)
     jobs = jobs_table(s)
     return {

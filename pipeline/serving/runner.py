@@ -9,8 +9,10 @@ online backend (``vllm_server``, ``openai``) runs every profile unchanged.
 
 Concurrency: ``sync`` sends one request at a time, ``max`` every request at once with no
 cap, open-loop points follow their arrival schedule (``workload.arrival``, ``burstiness``)
-under ``workload.concurrency`` if set (null: a pure open loop; a cap turns lateness into
-client-side queueing, visible in the ``*_sched`` metrics).
+with no cap either: ``workload.concurrency`` is for ``profile=fixed`` only. A cap on an
+open loop turns the server's slowness into client-side queueing (coordinated omission):
+the offered rate is then never offered, and a capped point could only be thrown away.
+Every point records ``concurrency`` (null for open-loop points).
 """
 
 from __future__ import annotations
@@ -51,7 +53,13 @@ class ProfileRunner:
                                       ("tpot_ms", self.w.slo_tpot_ms),
                                       ("e2el_ms", self.w.slo_e2el_ms)) if v is not None}
         self.limits = {"max_client_cpu_percent": self.w.max_client_cpu_percent,
-                       "max_dispatch_lag_ms": self.w.max_dispatch_lag_ms}
+                       "max_dispatch_lag_ms": self.w.max_dispatch_lag_ms,
+                       "saturation_rate_ratio": self.w.saturation_rate_ratio}
+        self.slo_dialect = self.w.slo_dialect
+        if self.w.concurrency is not None:
+            log.info("workload.concurrency=%s applies to profile=fixed only: the %s "
+                     "profile's open-loop points are not capped", self.w.concurrency,
+                     self.w.profile)
         self.points: list[dict[str, Any]] = []
         self.records: list[RequestRecord] = []
         url_of: Callable[[], str | None] | None = getattr(backend, "metrics_url", None)
@@ -68,7 +76,7 @@ class ProfileRunner:
             send_at, conc = [0.0] * n, (1 if kind == "sync" else None)
         else:
             send_at = arrival_offsets(n, rate, w.arrival, w.burstiness, self.spec.seed + k)
-            conc = w.concurrency
+            conc = None  # an open loop: see the module docstring
         ctrl = PointControl(grace_s=w.point_grace_s)
         if rate is not None:
             ctrl.stop_rule = SaturationRule(rate, w.saturation_rate_ratio,
@@ -95,7 +103,7 @@ class ProfileRunner:
             r.extra["point"] = k
         p = pts.summarize_point(k, kind, rate, conc, recs, wall, n, self.slo,
                                 w.slo_percentile, cpu, self.limits, ctrl.stop_reason,
-                                engine.metrics())
+                                engine.metrics(), self.slo_dialect)
         self.points.append(p)
         self.records.extend(recs)
         print(_line(p), flush=True)
@@ -123,7 +131,8 @@ class ProfileRunner:
                            tolerance=self.w.search_tolerance, budget=self.w.max_points - 2)
         while (rate := search.next_rate()) is not None:
             search.record(rate, pts.passes(self.point("rate", rate)))
-        return search.answer
+        # the search steers by offered rates; the answer is what passing points achieved
+        return pts.capacity_under_slo(self.points)
 
 
 def _line(p: dict[str, Any]) -> str:
@@ -131,7 +140,8 @@ def _line(p: dict[str, Any]) -> str:
     flags = [f for f, on in (("saturated", p["saturated"]), ("INVALID", not p["valid"]),
                              ("slo ok", p.get("slo_met"))) if on]
     return (f"point {p['index']} {rate}: {p['requests_completed']}/{p['requests_sent']} ok, "
-            f"{p['achieved_rate']:.2f} req/s, TTFT p50 {p.get('ttft_ms_p50', float('nan')):.0f}"
+            f"achieved {p['achieved_rate']:.2f} req/s, "
+            f"TTFT p50 {p.get('ttft_ms_p50', float('nan')):.0f}"
             f" ms, ITL p50 {p.get('itl_ms_p50', float('nan')):.1f} ms"
             + (f" [{', '.join(flags)}]" if flags else ""))
 
@@ -162,6 +172,10 @@ def run_profile(backend: Any, spec: Config, requests: list[Request], timer: Phas
             raise ValueError(f"workload.profile={w.profile!r}: no points to run")
         wall = clock() - t0
     metrics = pts.summary_metrics(run.points, w.profile, answer)
+    if "max_rate_under_slo" in metrics:
+        print(f"max_rate_under_slo {metrics['max_rate_under_slo']:.2f} req/s (achieved; "
+              f"TTFT/E2EL SLOs judged from the {run.slo_dialect} on open-loop points)",
+              flush=True)
     metrics["measured_wall_s"] = wall
     metrics["peak_rss_bytes"] = float(mem.peak_bytes)
     if points_out is not None:

@@ -392,11 +392,18 @@ def find_finished(cfg: Any, chash: str) -> dict[str, Any] | None:
     return {"run_id": runs[0].info.run_id, "metrics": dict(runs[0].data.metrics)}
 
 
+#: the parent runs :func:`open_parent` created in this process: a live sweep's (this one's),
+#: never a killed one's, so :func:`take_over_parent` leaves them alone. By run id, not by
+#: owner pid: a killed sweep's pid may be this process's again (pid 1 in a container)
+_OPENED_HERE: set[str] = set()
+
+
 def open_parent(client: Any, exp_id: str, sweep_dir: Path, tags: Mapping[str, str]) -> str:
     """Create a sweep's parent run (tag ``kind=sweep``, its folder in ``sweep_dir``) and
     write its id to ``<sweep_dir>/mlflow_parent_run_id`` for the jobs to find."""
     run = client.create_run(exp_id, run_name=f"sweep-{sweep_dir.name}", tags={
         "sweep_dir": str(sweep_dir.resolve()), "kind": "sweep", **tags})
+    _OPENED_HERE.add(str(run.info.run_id))
     (sweep_dir / PARENT_ID_FILE).write_text(run.info.run_id)
     return str(run.info.run_id)
 
@@ -468,24 +475,30 @@ def sweep_key(overrides: list[str]) -> str:
 
 def take_over_parent(client: Any, exp_id: str, sweep_dir: Path, key: str,
                      force: bool = False) -> str | None:
-    """With ``resume=true``: the newest parent run left RUNNING by a killed sweep with the
-    same :func:`sweep_key` becomes this sweep's parent (its id written to
-    ``<sweep_dir>/mlflow_parent_run_id``, its owner tags now naming this process); older
-    ones left RUNNING are marked KILLED. None when there is none. Raises
-    :class:`SweepStillOwned`, before changing anything, when one of them may still belong
-    to a live sweep (:func:`check_owner`; ``force`` skips that check)."""
+    """With ``resume=true``: a parent run left RUNNING by a killed sweep with the same
+    :func:`sweep_key` becomes this sweep's parent (its id written to
+    ``<sweep_dir>/mlflow_parent_run_id``, its owner tags now naming this process), whatever
+    folder this sweep uses: a new one or the killed sweep's own (``hydra.sweep.dir``).
+    The one that folder's id file names is taken when it is a candidate (its job folders'
+    runs are its children), else the newest; the other ones left RUNNING are marked KILLED.
+    Parents this process opened itself are never candidates. None when there is none.
+    Raises :class:`SweepStillOwned`, before changing anything, when one of them may still
+    belong to a live sweep (:func:`check_owner`; ``force`` skips that check)."""
     runs = client.search_runs(
         [exp_id], filter_string="tags.kind = 'sweep' and attributes.status = 'RUNNING'",
         order_by=["attributes.start_time DESC"], max_results=100)
     same = [r for r in runs if r.data.tags.get("sweep_key") == key
-            and r.data.tags.get("sweep_dir") != str(sweep_dir.resolve())]
+            and r.info.run_id not in _OPENED_HERE]
     if not same:
         return None
-    for candidate in same:  # all of them: the older ones would be marked KILLED
+    for candidate in same:  # all of them: the others would be marked KILLED
         check_owner(candidate, force)
-    for old in same[1:]:
-        client.set_terminated(old.info.run_id, "KILLED")
-    run = same[0]
+    in_folder = read_parent_id(sweep_dir)
+    run = next((r for r in same if r.info.run_id == in_folder), same[0])
+    for old in same:
+        if old is not run:
+            client.set_terminated(old.info.run_id, "KILLED")
+    # one entry per resume, the killed sweep's own folder included when resumed into it
     log_metrics(client, run.info.run_id, tags={**owner_tags(), "resumed_sweep_dirs": " ".join(
         filter(None, [run.data.tags.get("resumed_sweep_dirs"), str(sweep_dir.resolve())]))})
     (sweep_dir / PARENT_ID_FILE).write_text(run.info.run_id)

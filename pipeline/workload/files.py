@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 from pipeline.workload.base import Prompt
 
 #: file types read as prompt files (a dataset folder saved with ``save_to_disk`` as well)

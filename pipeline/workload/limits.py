@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 from pipeline.workload.lengths import length_bounds
 
 if TYPE_CHECKING:
     from pipeline.config import Config, ModelConfig
+    from pipeline.records import Request
 
 log = logging.getLogger(__name__)
 
@@ -157,3 +159,29 @@ def check_limits(spec: Config) -> None:
     """Every workload check that needs the backend or model metadata (no model load)."""
     check_output_lengths(spec)
     check_context(spec)
+
+
+def check_requests_fit(requests: Sequence[Request], default_output: int, limit: int,
+                       what: str) -> None:
+    """Refuse the first request whose prompt tokens plus its output length (its own
+    ``max_new_tokens``, else ``default_output``) exceed ``limit`` tokens (``what`` names
+    the limit), naming the request and both numbers. The one per-request context check:
+    run on the built requests before anything loads, and by engines on their own limit."""
+    for r in requests:
+        out = default_output if r.max_new_tokens is None else int(r.max_new_tokens)
+        n_in = len(r.prompt_token_ids)
+        if n_in + out > limit:
+            rid = r.request_id or f"request {r.index}"
+            raise ConfigError(
+                f"workload.max_new_tokens={out} is invalid for {rid}: {n_in} prompt tokens + "
+                f"{out} output tokens = {n_in + out} tokens exceeds {what}; lower "
+                f"workload.max_new_tokens, or cut prompts with workload.max_input_tokens "
+                f"and workload.on_too_long=truncate")
+
+
+def check_request_lengths(spec: Config, requests: Sequence[Request]) -> None:
+    """:func:`check_requests_fit` against the job's context limit (:func:`context_limit`);
+    silent when the limit cannot be read without loading."""
+    limit = context_limit(spec)
+    if limit is not None:
+        check_requests_fit(requests, spec.workload.max_new_tokens, limit[0], limit[1])

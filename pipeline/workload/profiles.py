@@ -12,7 +12,8 @@ measured, so they are tested without a server; :mod:`pipeline.serving.runner` ru
 - ``slo_search``: ``sync`` and ``max`` as above, then bracket the highest rate whose SLOs
   hold at ``slo_percentile`` (start at the max throughput; double while it passes, halve
   while it fails), then bisect until ``(hi - lo) / lo <= search_tolerance``, within
-  ``max_points`` points in all. The answer is the highest passing rate, ``lo``.
+  ``max_points`` points in all. The search steers by offered rates; the answer is the
+  highest *achieved* rate among the passing points (a capacity is what was delivered).
 - ``ramp``: ``sweep_points`` rates rising linearly from ``ramp_start_rate`` (default
   ``ramp_end_rate / sweep_points``) to ``ramp_end_rate``, stopping after the first
   saturated point (the load beyond it would only queue).
@@ -131,26 +132,29 @@ class Live(Protocol):
 
 @dataclass
 class SaturationRule:
-    """Over-saturation of an open-loop point: the server no longer keeps up.
+    """Live over-saturation of an open-loop point: the server no longer keeps up, so the
+    point is ended early (the post-hoc verdict, ``pipeline.serving.points.rate_verdict``,
+    judges every point's whole span anyway; this rule only bounds the load).
 
-    At each check (the client calls it every 0.25 s), with ``W = max(1 s, 8 / rate)``
-    (long enough to expect 8 arrivals) and at least ``2 W`` into the point:
+    At each check (the client calls it every 0.25 s), with ``W = max(1 s, 16 / rate)``
+    (long enough to expect 16 arrivals) and at least ``2 W`` into the point:
 
-    1. *achieved falls behind offered*: requests completed in the trailing ``W`` seconds,
-       divided by ``W``, below ``rate_ratio`` x the offered rate; and
-    2. *TTFT trends upward*: the median TTFT of the newest quarter of sent requests (at
-       least 4; one still waiting for its first token counts with its wait so far, a
-       lower bound, so a queue that never drains shows at once) is at least
-       ``ttft_growth`` x the median of the first quarter.
+    1. *completions fall behind arrivals*: the requests completed in the trailing ``W``
+       seconds are fewer than ``rate_ratio`` x the requests *scheduled* in a window as
+       long, shifted back by those completions' median latency from their schedule. Like
+       is compared with like (the same stretch of the schedule, seen at both ends), so a
+       Poisson schedule's bursts do not read as a shortfall; past capacity the latency
+       grows and the shifted window holds more arrivals than the server completed;
+    2. *TTFT trends upward*, measured from the **scheduled** send (a request the client
+       has not even sent yet counts with its wait so far, so a client-side queue cannot
+       hide it): the median over the newest quarter of the requests due so far (at least
+       4) is at least ``ttft_growth`` x the median of the first quarter.
 
-    Both must hold at two consecutive checks, so one slow step cannot end a point. A
-    fixed-capacity server driven past its capacity meets 1 (completions are capped) and 2
-    (the queue, hence TTFT, grows without bound); a stable point meets 1 only by chance
-    and 2 almost never.
+    Both must hold at two consecutive checks, so one slow step cannot end a point.
     """
 
     offered_rate: float
-    rate_ratio: float = 0.8
+    rate_ratio: float = 0.9
     ttft_growth: float = 2.0
     hits: int = 0
     last: str | None = None
@@ -162,31 +166,34 @@ class SaturationRule:
         return reason if self.hits >= 2 else None
 
     def check(self, live: Sequence[Live], elapsed: float) -> str | None:
-        window = max(1.0, 8.0 / self.offered_rate)
+        window = max(1.0, 16.0 / self.offered_rate)
         if elapsed < 2 * window:
             return None
-        done = sum(1 for r in live if r.t_end is not None and r.t_end > elapsed - window)
-        achieved = done / window
-        if achieved >= self.rate_ratio * self.offered_rate:
+        recent = [r for r in live if r.t_end is not None and r.t_end > elapsed - window]
+        # nothing completed lately: compare with the window just before it
+        shift = (statistics.median((r.t_end or 0.0) - r.due for r in recent) if recent
+                 else window)
+        due = sum(1 for r in live if elapsed - window - shift < r.due <= elapsed - shift)
+        if due < 4 or len(recent) >= self.rate_ratio * due:
             return None
-        sent = sorted((r for r in live if r.t_start is not None), key=lambda r: r.t_start or 0)
-        k = max(4, len(sent) // 4)
-        if len(sent) < 2 * k:
+        waiting = sorted((r for r in live if r.due <= elapsed), key=lambda r: r.due)
+        k = max(4, len(waiting) // 4)
+        if len(waiting) < 2 * k:
             return None
 
         def waited(r: Live) -> float:
-            assert r.t_start is not None
             end = r.t_first_token if r.t_first_token is not None else elapsed
-            return end - r.t_start
+            return end - r.due
 
-        first = statistics.median(waited(r) for r in sent[:k])
-        newest = statistics.median(waited(r) for r in sent[-k:])
+        first = statistics.median(waited(r) for r in waiting[:k])
+        newest = statistics.median(waited(r) for r in waiting[-k:])
         if newest < self.ttft_growth * max(first, 1e-3):
             return None
-        return (f"saturated: completed {achieved:.2f} req/s over the last {window:.1f} s "
-                f"< {self.rate_ratio:g} x offered {self.offered_rate:.2f} req/s, and TTFT of "
-                f"the newest {k} requests {newest * 1000:.0f} ms >= {self.ttft_growth:g} x "
-                f"the first {k}'s {first * 1000:.0f} ms")
+        return (f"saturated: completed {len(recent)} requests in the last {window:.1f} s "
+                f"< {self.rate_ratio:g} x the {due} scheduled {shift:.2f} s before them "
+                f"(offered {self.offered_rate:.2f} req/s), and TTFT from the schedule of the "
+                f"newest {k} requests {newest * 1000:.0f} ms >= {self.ttft_growth:g} x the "
+                f"first {k}'s {first * 1000:.0f} ms")
 
 
 def point_size(w: WorkloadConfig, n_prompts: int, rate: float | None) -> int:

@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pipeline.config import ConfigError, WorkloadConfig
+from pipeline.config import WorkloadConfig
+from pipeline.errors import ConfigError
 from pipeline.records import Request, RequestRecord
 from pipeline.workload.base import Prompt
 from pipeline.workload.files import read_prompts_file

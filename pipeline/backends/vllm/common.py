@@ -25,7 +25,17 @@ from typing import Any, Generic, TypeVar
 
 import psutil
 
-from pipeline.backends.base import BackendConfig
+from pipeline.backends.base import (
+    BOOKKEEPING,
+    BackendConfig,
+    Job,
+    Setting,
+    backend_of,
+    model_dtype,
+    optimization,
+    task,
+)
+from pipeline.backends.vllm.quantization import validate_quantization
 from pipeline.config import DTYPES, ModelConfig, check_choice, check_range, fail
 from pipeline.devices import resolve_dtype_name
 from pipeline.errors import ConfigError
@@ -54,6 +64,38 @@ class VLLMSettings(BackendConfig):
     cpu_omp_threads_bind: str = "all"  # VLLM_CPU_OMP_THREADS_BIND; "all" -> every core
     # VLLM_CACHE_ROOT; the yaml puts it under paths.cache_dir so it stays in the outputs
     cache_root: str = "outputs/cache/vllm"
+    #: vLLM's ``quantization`` (null = off): one of ``quantization.QUANTIZATIONS`` for the
+    #: platform the engine runs on (checked before anything loads, without importing vLLM)
+    quantization: str | None = None
+
+
+def _run_seed(value: Any, job: Job) -> Any:
+    """``backend.seed`` equal to the run's seed (or null) says nothing the run does not."""
+    return None if value is None or value == job.get("seed") else value
+
+
+#: what each shared engine setting is to the gate: the engine's shape and precision are
+#: optimizations (off: float32, eager, one rank, no prefix cache, no quantization); its
+#: capacity (context, memory, sequences, KV space, threads) is bookkeeping, since a request
+#: that does not fit is refused, never computed differently
+VLLM_SETTINGS: dict[str, Setting] = {
+    "dtype": optimization(("float32",), effective=model_dtype),
+    "max_model_len": BOOKKEEPING,
+    "enforce_eager": optimization((True,)),
+    "gpu_memory_utilization": BOOKKEEPING,
+    "tensor_parallel_size": optimization((1,)),
+    "max_num_seqs": BOOKKEEPING,
+    "enable_prefix_caching": optimization((False,)),
+    "seed": task((None,), effective=_run_seed),
+    "cpu_kvcache_space_gib": BOOKKEEPING,
+    "cpu_omp_threads_bind": BOOKKEEPING,
+    "cache_root": BOOKKEEPING,
+    "quantization": optimization((None,)),
+}
+
+#: what vLLM always does, with no switch to turn it off (counted when the gate picks the
+#: least-optimized job: hf with a KV cache and SDPA stays the baseline of vLLM)
+VLLM_INHERENT = ("paged KV cache", "continuous batching", "fused attention kernels")
 
 
 @dataclass
@@ -73,6 +115,31 @@ class VLLMBackendConfig(VLLMSettings):
     speculative_model: str | None = None  # draft_model: the draft's local folder
 
 
+def _speculating(job: Job) -> bool:
+    b = backend_of(job)
+    return bool(b.get("speculative_method")) and bool(b.get("num_speculative_tokens"))
+
+
+#: the offline engine's settings: the shared ones plus speculative decoding, which changes
+#: how tokens are proposed, never the target model's distributions (numerics=False)
+VLLM_ENGINE_SETTINGS: dict[str, Setting] = {
+    **VLLM_SETTINGS,
+    "speculative_method": optimization((None,), read_if=_speculating, numerics=False),
+    "num_speculative_tokens": optimization(
+        (0,), read_if=lambda j: bool(backend_of(j).get("speculative_method")),
+        numerics=False),
+    "prompt_lookup_max": optimization(
+        (None,), read_if=lambda j: _speculating(j)
+        and backend_of(j).get("speculative_method") == "ngram", numerics=False),
+    "prompt_lookup_min": optimization(
+        (None,), read_if=lambda j: _speculating(j)
+        and backend_of(j).get("speculative_method") == "ngram", numerics=False),
+    "speculative_model": optimization(
+        (None,), read_if=lambda j: _speculating(j)
+        and backend_of(j).get("speculative_method") == "draft_model", numerics=False),
+}
+
+
 @dataclass
 class VLLMServerBackendConfig(VLLMSettings):
     """A vLLM OpenAI-compatible server started by the pipeline on 127.0.0.1 (one per
@@ -84,6 +151,18 @@ class VLLMServerBackendConfig(VLLMSettings):
     startup_timeout_s: float = 600.0
     extra_args: list[str] = field(default_factory=list)
     log_dir: str = "outputs/servers"
+
+
+#: the server's settings: the shared ones, the client API (chat renders the prompt on the
+#: server: another task than the token ids every other backend gets) and its extra flags
+#: (any of which may change what is computed)
+VLLM_SERVER_SETTINGS: dict[str, Setting] = {
+    **VLLM_SETTINGS,
+    "api": task(("completions",)),
+    "startup_timeout_s": BOOKKEEPING,
+    "extra_args": task((None,), effective=lambda v, j: list(v) if v else None),
+    "log_dir": BOOKKEEPING,
+}
 
 
 def validate_vllm_settings(s: VLLMSettings) -> None:
@@ -102,6 +181,8 @@ def validate_vllm_settings(s: VLLMSettings) -> None:
              "use all, auto, nobind or a CPU list such as 0-3")
     if not s.cache_root:
         fail("backend.cache_root", s.cache_root, "a folder is required (VLLM_CACHE_ROOT)")
+    validate_quantization(s.quantization)
+    threads_bind(s.cpu_omp_threads_bind, s.tensor_parallel_size)  # "all": enough cores?
 
 
 #: the methods this pipeline hands to vLLM; the others (eagle, medusa, mlp_speculator, mtp,
@@ -238,7 +319,7 @@ def engine_key(model_dir: str, model: ModelConfig, s: VLLMSettings, dtype: str, 
     return (
         model_dir, model.revision, model.weights, model.trust_remote_code, model.device,
         dtype, s.max_model_len, s.enforce_eager, s.gpu_memory_utilization,
-        s.tensor_parallel_size, s.max_num_seqs, s.enable_prefix_caching, seed,
+        s.tensor_parallel_size, s.max_num_seqs, s.enable_prefix_caching, s.quantization, seed,
         tuple(sorted(env.items())), *extra,
     )
 
@@ -254,20 +335,6 @@ def output_lengths(requests: list[Request], max_new_tokens: int) -> list[int]:
         n = getattr(r, "max_new_tokens", None)
         out.append(max_new_tokens if n is None else int(n))
     return out
-
-
-def check_context(requests: list[Request], lengths: list[int], limit: int,
-                  backend: str) -> None:
-    """Refuse a prompt whose tokens plus its output length exceed the engine's context
-    (vLLM would fail the request mid-run)."""
-    need, prompt, n = max((len(r.prompt_token_ids) + m, len(r.prompt_token_ids), m)
-                          for r, m in zip(requests, lengths, strict=True))
-    if need > limit:
-        raise ConfigError(
-            f"backend {backend}: backend.max_model_len={limit} is too small for a "
-            f"{prompt}-token prompt plus workload.max_new_tokens={n}; raise "
-            f"backend.max_model_len"
-        )
 
 
 def kv_metrics(blocks: Any, tokens: Any) -> dict[str, float]:
@@ -468,10 +535,6 @@ class VLLMPlugins:
     def sync(self) -> None:
         """Nothing to wait for: the engine hands back only finished work (its timestamps
         are taken in the engine process, after its own device synchronization)."""
-
-    def prompt_tokenizer(self) -> Any | None:
-        """The tokenizer loaded from the model folder at :meth:`load` (the one vLLM uses)."""
-        return getattr(self, "tokenizer", None)
 
 
 def env_settings(env: dict[str, str]) -> dict[str, str]:

@@ -27,11 +27,12 @@ import psutil
 
 from pipeline.backends.base import Backend
 from pipeline.backends.vllm.common import (
+    VLLM_ENGINE_SETTINGS,
+    VLLM_INHERENT,
     EngineCache,
     Shared,
     VLLMBackendConfig,
     VLLMPlugins,
-    check_context,
     cpu_list,
     engine_dtype,
     engine_env,
@@ -45,10 +46,12 @@ from pipeline.backends.vllm.common import (
     speculative_config,
     validate_speculative,
 )
+from pipeline.backends.vllm.quantization import check_quantization
 from pipeline.backends.vllm.sampling import check_vllm, vllm_params
 from pipeline.config import DecodingConfig, ModelConfig
 from pipeline.errors import ConfigError, UnsupportedDecoding
 from pipeline.records import Request, RequestRecord
+from pipeline.workload.limits import check_requests_fit
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -107,6 +110,8 @@ class VLLMBackend(VLLMPlugins, Backend):
 
     name = "vllm"
     config_class = VLLMBackendConfig
+    settings = VLLM_ENGINE_SETTINGS
+    inherent_optimizations = VLLM_INHERENT
     per_request_output_lengths = True
 
     def __init__(self, model_dir: str, model: ModelConfig, cfg: VLLMBackendConfig,
@@ -132,6 +137,7 @@ class VLLMBackend(VLLMPlugins, Backend):
     def check(cls, spec: Config) -> None:
         """Refuse decoding options vLLM cannot honour, before the engine loads."""
         check_vllm(spec.decoding)
+        check_quantization(spec, cls.name)
         if speculative_config(spec.backend) and spec.decoding.num_beams > 1:
             raise UnsupportedDecoding(
                 f"backend vllm: backend.speculative_method={spec.backend.speculative_method!r} "
@@ -174,7 +180,8 @@ class VLLMBackend(VLLMPlugins, Backend):
             revision=self.model_cfg.revision,
         )
 
-    def _start(self, key: tuple, dtype: str, env: dict[str, str]) -> _Engine:
+    def engine_kwargs(self, dtype: str) -> dict[str, Any]:
+        """The keyword arguments of ``vllm.LLM`` for these settings."""
         kwargs: dict[str, Any] = dict(
             model=self.model_dir, dtype=dtype, max_model_len=self.cfg.max_model_len,
             enforce_eager=self.cfg.enforce_eager,
@@ -190,9 +197,15 @@ class VLLMBackend(VLLMPlugins, Backend):
             kwargs["load_format"] = "dummy"
         if self.model_cfg.revision:
             kwargs["revision"] = self.model_cfg.revision
+        if self.cfg.quantization:
+            kwargs["quantization"] = self.cfg.quantization
         spec = speculative_config(self.cfg)
         if spec:
             kwargs["speculative_config"] = spec
+        return kwargs
+
+    def _start(self, key: tuple, dtype: str, env: dict[str, str]) -> _Engine:
+        kwargs = self.engine_kwargs(dtype)
         before = {p.pid for p in psutil.Process().children(recursive=False)}
 
         def started() -> list[int]:
@@ -266,8 +279,10 @@ class VLLMBackend(VLLMPlugins, Backend):
         batches them continuously. A request's own ``max_new_tokens`` wins over the
         batch's."""
         lengths = output_lengths(requests, max_new_tokens)
-        check_context(requests, lengths,
-                      self.llm.llm_engine.vllm_config.model_config.max_model_len, self.name)
+        limit = self.llm.llm_engine.vllm_config.model_config.max_model_len
+        # the job checked its requests before loading; this guards direct callers
+        check_requests_fit(requests, max_new_tokens, limit,
+                           f"backend {self.name}'s max_model_len of {limit}")
         params = {n: vllm_params(decoding, n, fixed_length, self.seed) for n in set(lengths)}
         if decoding.num_beams > 1:  # vllm_params gave BeamSearchParams
             return self._beam(requests, lengths, params)
@@ -411,6 +426,7 @@ class VLLMBackend(VLLMPlugins, Backend):
             "max_num_seqs": vc.scheduler_config.max_num_seqs,
             "max_num_batched_tokens": vc.scheduler_config.max_num_batched_tokens,
             "seed": mc.seed,
+            "quantization": getattr(mc, "quantization", None),
             "load_format": str(vc.load_config.load_format),
             **env_settings(e.env),
             "vllm_version": e.vllm_version,

