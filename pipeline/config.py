@@ -176,7 +176,9 @@ class ScoringConfig:
 
     perplexity: bool = True
     scorer_path: str | None = None
-    scorer_dtype: str = "float32"
+    #: auto: the generating model's dtype on CUDA (the loaded model is reused, no second
+    #: copy on the card), float32 on the CPU; or float32/bfloat16/float16 as given
+    scorer_dtype: str = "auto"
     diversity: bool = True
     self_bleu_max_samples: int | None = 200
     #: sequences the perplexity scorer runs per forward pass
@@ -210,6 +212,26 @@ class MeasureConfig:
     rss_sample_interval_s: float = 0.25
 
 
+TARGET_DEVICES = ("cpu", "cuda")
+
+
+@dataclass
+class TargetConfig:
+    """A named hardware target (``+target=t4``, ``conf/target/*.yaml``): a dry run is
+    validated and planned as if on this card (pipeline/hardware.py, memory_plan.py)."""
+
+    name: str = "target"
+    device: str = "cuda"
+    gpu_name: str | None = None
+    #: "major.minor"; bfloat16 and FlashAttention-2 need >= 8.0
+    compute_capability: str | None = None
+    #: memory a process sees (nvidia-smi's total), GiB; null = not checked
+    memory_gib: float | None = None
+    bandwidth_gb_s: float | None = None
+    tflops_bf16: float | None = None
+    tflops_fp16: float | None = None
+
+
 @dataclass
 class Config:
     """The root: four experiment axes plus run-wide settings."""
@@ -222,6 +244,8 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
+    #: ``+target=NAME``: plan for that card (dry runs); null = this machine
+    target: TargetConfig | None = None
     seed: int = 0
     print_table: bool = True
     dry_run: bool = False
@@ -238,6 +262,7 @@ def register_configs() -> None:
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="decoding", name="decoding_schema", node=DecodingConfig)
     cs.store(group="workload", name="workload_schema", node=WorkloadConfig)
+    cs.store(group="target", name="target_schema", node=TargetConfig)
 
 
 # ---------------------------------------------------------------------------- validation
@@ -404,8 +429,10 @@ def validate_workload(w: WorkloadConfig) -> None:
         fail("workload.prompts", [], "give inline prompts or workload.prompts_file")
 
 
-def validate_model(m: ModelConfig) -> None:
-    """Choice checks; a local model path must exist (hub ids have no '/' prefix or './')."""
+def validate_model(m: ModelConfig, stand_in: bool = False) -> None:
+    """Choice checks; a local model path must exist (hub ids have no '/' prefix or './').
+    ``stand_in``: a CUDA ``+target`` stands in for the device (a dry run), so no local GPU
+    is needed."""
     check_choice("model.source", m.source, MODEL_SOURCES)
     check_choice("model.dtype", m.dtype, DTYPES)
     check_choice("model.device", m.device, DEVICES)
@@ -413,7 +440,7 @@ def validate_model(m: ModelConfig) -> None:
     # yaml's true/false arrive as "True"/"False" in the str field
     m.use_chat_template = str(m.use_chat_template).lower()
     check_choice("model.use_chat_template", m.use_chat_template, CHAT_TEMPLATE_CHOICES)
-    if m.device == "cuda":
+    if m.device == "cuda" and not stand_in:
         from pipeline.devices import cuda_present
 
         if not cuda_present():
@@ -490,7 +517,14 @@ def validate(cfg: DictConfig) -> Config:
     backend = _typed(cls.config_class, backend_node, "backend")
     typed: Config = _typed(Config, {**resolved, "backend": None}, "")
     typed.backend = backend
-    validate_model(typed.model)
+    t = typed.target
+    if t is not None:
+        check_choice("target.device", t.device, TARGET_DEVICES)
+        check_range("target.memory_gib", t.memory_gib, 0.0, lo_open=True, optional=True)
+        from pipeline.hardware import parse_capability
+
+        parse_capability(t.compute_capability, t.device)  # "7.5"; refused in one line
+    validate_model(typed.model, stand_in=bool(t and t.device == "cuda" and typed.dry_run))
     cls.validate_settings(typed.backend)
     validate_decoding(typed.decoding)
     validate_workload(typed.workload)
@@ -525,7 +559,7 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-GROUPS = ("model", "backend", "decoding", "workload", "experiment")
+GROUPS = ("model", "backend", "decoding", "workload", "experiment", "target")
 
 
 def check_group_choices(argv: list[str], conf_dir: Path) -> None:

@@ -1,31 +1,20 @@
 """The one rule for ``auto`` devices and dtypes, used by every backend and the scorer.
 
 ``model.device=auto`` picks CUDA when torch sees a GPU, else the CPU; ``dtype=auto`` is
-bfloat16 on CUDA and float32 on the CPU (where bfloat16 is emulated on many processors).
-:func:`cuda_present` answers without importing torch wherever the machine plainly has no
-NVIDIA driver, so that config validation stays light.
+decided by the hardware rule (pipeline/hardware.py): float32 on the CPU (where bfloat16 is
+emulated on many processors), bfloat16 on CUDA at compute capability >= 8.0, float16 below
+(a T4). :func:`cuda_present` answers without importing torch wherever the machine plainly
+has no NVIDIA driver, so that config validation stays light.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError
 
-
-def cuda_present() -> bool:
-    """Whether a CUDA device can be used; an empty/``-1`` CUDA_VISIBLE_DEVICES or a
-    machine without the NVIDIA driver answers without importing torch."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip() in ("", "-1"):
-        return False
-    if not (Path("/proc/driver/nvidia").exists() or any(Path("/dev").glob("nvidia[0-9]*"))):
-        return False
-    import torch
-
-    return bool(torch.cuda.is_available())
+# the CUDA probe lives with the hardware rule; importing it here keeps the old name
+from pipeline.hardware import cuda_present  # noqa: F401
 
 
 def resolve_device(name: str) -> str:
@@ -38,16 +27,19 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def resolve_dtype_name(name: str) -> str:
-    """``auto`` -> ``bfloat16`` on CUDA, ``float32`` elsewhere; other names unchanged.
-    (vLLM's own ``auto`` would turn a float32 checkpoint into float16: never passed on.)"""
+def resolve_dtype_name(name: str, device: str = "auto") -> str:
+    """``auto`` -> the hardware rule's dtype for ``device`` on this machine (float32 on the
+    CPU, bfloat16 on CUDA >= 8.0, float16 below); other names unchanged. (vLLM's own
+    ``auto`` would turn a float32 checkpoint into float16: never passed on.)"""
     if name != "auto":
         return name
-    return "bfloat16" if cuda_present() else "float32"
+    from pipeline.hardware import live, resolve_dtype
+
+    return resolve_dtype(name, live(device))
 
 
-def torch_dtype(name: str) -> Any:
+def torch_dtype(name: str, device: str = "auto") -> Any:
     """The torch dtype for a config dtype name (``auto`` resolved as above)."""
     import torch
 
-    return getattr(torch, resolve_dtype_name(name))
+    return getattr(torch, resolve_dtype_name(name, device))

@@ -170,15 +170,25 @@ def scorer_tokenizer(path: str, spec: Config) -> Any:
 
 def _scorer(spec: Config, model_dir: str, backend: Backend) -> tuple[Any, str, bool]:
     """The scorer model: the backend's own HF model when it already is the scorer (same
-    weights, same dtype), else a fresh load."""
+    weights, same dtype), else a fresh load. ``scoring.scorer_dtype=auto`` is the
+    generating model's dtype on CUDA (so the loaded model is reused: one copy on the card)
+    and float32 on the CPU (:func:`pipeline.gpu_memory.scorer_dtype_name`)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipeline.devices import resolve_device, torch_dtype
+    from pipeline.devices import resolve_device, resolve_dtype_name
+    from pipeline.gpu_memory import scorer_dtype_name
 
     device = resolve_device(spec.model.device)
-    dtype = torch_dtype(spec.scoring.scorer_dtype)
+    # the dtype the backend generated in: its own dtype setting, else the model's
+    generating = resolve_dtype_name(getattr(spec.backend, "dtype", None) or spec.model.dtype,
+                                    device)
+    name = scorer_dtype_name(spec.scoring.scorer_dtype, device, generating,
+                             cuda_auto_dtype=resolve_dtype_name("auto", device))
+    dtype = getattr(torch, name)
     model = None if spec.scoring.scorer_path else backend.scorer_model(dtype)
+    log.info("perplexity scorer: %s on %s (%s)", name, device,
+             "the generating model" if model is not None else "a fresh load")
     if model is not None:
         return model, device, True
     path = spec.scoring.scorer_path or model_dir
@@ -215,6 +225,11 @@ def check_inputs(cfg: DictConfig) -> tuple[Config, list[str]]:
     spec = validate(cfg)
     check_adapter(spec.model)  # a LoRA adapter needs its base on this machine
     backend_class(spec.backend.impl).check(spec)
+    from pipeline.hardware import decide, for_spec
+
+    # every auto on the hardware (a +target's card in a dry run): what it cannot run is
+    # refused here, naming the key, the hardware and the fix
+    decide(spec, for_spec(spec))
     check_profile(spec, backend_class(spec.backend.impl).online)  # offline: fixed only
     check_limits(spec)  # input + output within the context, per-request output lengths
     return spec, load_prompts(spec.workload)
@@ -257,12 +272,37 @@ def run_job(cfg: DictConfig) -> JobResult:
                             f"{prepared}")
         return _record_invalid(cfg, results, prepared, job_dir, sweep_dir)
     if spec.dry_run:
+        from pipeline.hardware import decide, for_spec
+        from pipeline.memory_plan import check_plan, plan, read_architecture
+
+        # the decisions on the hardware (+target: the card planned for) and the memory
+        # estimate against it (pipeline/memory_plan.py); what would not fit is refused
+        decisions = decide(spec, for_spec(spec))
+        arch = read_architecture(prepared.model_dir)
+        mem = plan(spec, decisions, arch, prepared.requests) if arch else None
+        results.applied = decisions.applied()
+        if mem is not None:
+            results.applied.update(memory_estimate_bytes=mem.total, memory_fits=mem.fits)
+            try:
+                check_plan(mem, decisions.hardware, spec)
+            except ConfigError as e:
+                if sweep_dir is None:
+                    raise
+                return _record_invalid(cfg, results, e, job_dir, sweep_dir)
         results.status = "VALIDATED"
         _write_results(job_dir, results)
         print(f"valid: {' '.join(overrides) or '(defaults)'} ({len(prompts)} prompts, "
               f"{prepared.prompt_rendering} prompts of "
               f"{min(len(q.prompt_token_ids) for q in prepared.requests)}-"
               f"{max(len(q.prompt_token_ids) for q in prepared.requests)} tokens)")
+        shown = {k: ("on" if v else "off") if k == "cuda_graphs" else v
+                 for k, v in decisions.settings.items() if k != "device" and v is not None}
+        print(f"  on {decisions.hardware.describe()}: "
+              + ", ".join(f"{k}={v}" for k, v in shown.items()))
+        print("  " + (mem.line() if mem else "memory: not estimated (no config.json of a "
+                      "known decoder shape in the model folder)"))
+        for note in decisions.notes:
+            print(f"  note: {note}")
         return results
 
     from pipeline import provenance
@@ -366,6 +406,7 @@ def _measure_machine_early(spec: Config) -> None:
 
 def _roofline(spec: Config, online: bool, applied: dict, metrics: dict, n_requests: int,
               model_dir: str, provenance: dict | None = None) -> dict[str, float]:
+    from pipeline.devices import resolve_dtype_name
     from pipeline.measure.roofline import roofline_metrics
 
     w = spec.workload
@@ -375,7 +416,8 @@ def _roofline(spec: Config, online: bool, applied: dict, metrics: dict, n_reques
         return roofline_metrics(applied, min(in_flight, n_requests),
                                 metrics.get("output_tokens_per_s", 0.0),
                                 Path(spec.paths.cache_dir).resolve(), model_dir,
-                                spec.model.dtype, provenance=provenance)
+                                resolve_dtype_name(spec.model.dtype, spec.model.device),
+                                provenance=provenance)
     except Exception as e:  # a missing roofline must not fail a measured job
         log.warning("roofline not computed: %s", e)
         return {}

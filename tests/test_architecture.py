@@ -161,8 +161,25 @@ def test_new_user_mistakes_are_refused_before_anything_loads() -> None:
     assert_refused_early(NEW_USER_CASES)
 
 
+def _cuda() -> bool:
+    from pipeline.devices import cuda_present
+
+    return cuda_present()
+
+
+@pytest.mark.skipif(_cuda(), reason="this machine has a GPU: model.device=cuda is valid here "
+                    "(test_cuda_on_a_gpu_machine_is_accepted checks that)")
 def test_cuda_without_cuda_exits_2_before_anything(tmp_path: Path) -> None:
     p = run_cli("model.device=cuda", f"paths.output_dir={tmp_path}", timeout=120)
     assert p.returncode == 2, p.stderr[-2000:]
     assert "model.device='cuda' is invalid: no CUDA device" in p.stderr
     assert not (tmp_path / "mlflow").exists()  # no MLflow run was made
+
+
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA device")
+def test_cuda_on_a_gpu_machine_is_accepted(tmp_path: Path) -> None:
+    # the same command on a GPU machine: validated and planned (dry run), not refused
+    p = run_cli("model.device=cuda", "dry_run=true", "tracking.enabled=false",
+                f"paths.output_dir={tmp_path}", timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "is invalid" not in p.stderr

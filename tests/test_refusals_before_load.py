@@ -8,12 +8,15 @@ packaged model, which a dry run may convert first (once, into the shared cache).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from pipeline.errors import ConfigError
+from pipeline.workload.prepare import PreparedRequests
+from tests.conftest import CACHE_DIR, ROOT, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -23,6 +26,21 @@ def _refused(p, needle: str) -> None:
     lines = [ln for ln in p.stderr.splitlines() if ln.strip().startswith("error:")]
     assert len(lines) == 1 and needle in lines[0], p.stderr[-2000:]
     assert "Loading weights" not in p.stdout + p.stderr
+
+
+def _prepare(*overrides: str) -> PreparedRequests:
+    """What ``run.py`` does before any model loads, in this process."""
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.config import register_configs
+    from pipeline.experiment import check_inputs
+    from pipeline.workload.prepare import prepare_requests
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[*overrides, f"paths.cache_dir={CACHE_DIR}"])
+    spec, prompts = check_inputs(cfg)
+    return prepare_requests(spec, prompts)
 
 
 @pytest.mark.parametrize(("overrides", "needle"), [
@@ -35,10 +53,16 @@ def _refused(p, needle: str) -> None:
     # a reference metric asked for on a workload without references (silently skipped)
     (["scoring.reference_metrics=[f1]"], "scoring.reference_metrics=['f1'] is invalid"),
 ])
-def test_dry_run_refuses_what_the_run_would(overrides: list[str], needle: str,
-                                            tmp_path: Path) -> None:
-    p = run_cli(*overrides, "dry_run=true", f"paths.output_dir={tmp_path}", timeout=300)
-    _refused(p, needle)
+def test_refused_before_loading(overrides: list[str], needle: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        _prepare(*overrides)
+
+
+def test_dry_run_refuses_what_the_run_would(tmp_path: Path) -> None:
+    """The same checks through ``run.py ... dry_run=true``: one line, exit 2."""
+    p = run_cli("workload.max_input_tokens=20", "dry_run=true", f"paths.output_dir={tmp_path}",
+                timeout=300)
+    _refused(p, "workload.max_input_tokens=20 is exceeded by")
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +79,9 @@ def plain_model(model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return d
 
 
-def test_chat_template_true_without_a_template_is_refused(plain_model: Path,
-                                                          tmp_path: Path) -> None:
-    p = run_cli("model=hf", f"model.path={plain_model}", "model.use_chat_template=true",
-                "dry_run=true", f"paths.output_dir={tmp_path}", timeout=300)
-    _refused(p, "model.use_chat_template=true is invalid")
+def test_chat_template_true_without_a_template_is_refused(plain_model: Path) -> None:
+    with pytest.raises(ConfigError, match="model.use_chat_template=true is invalid"):
+        _prepare("model=hf", f"model.path={plain_model}", "model.use_chat_template=true")
 
 
 def test_plain_prompts_are_named_in_the_applied_settings(plain_model: Path,
@@ -77,7 +99,5 @@ def test_plain_prompts_are_named_in_the_applied_settings(plain_model: Path,
     assert "prompt_rendering=plain" in p.stdout
 
 
-def test_packaged_model_renders_with_its_template(tmp_path: Path) -> None:
-    p = run_cli("dry_run=true", f"paths.output_dir={tmp_path}", timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert "chat_template prompts" in p.stdout
+def test_packaged_model_renders_with_its_template() -> None:
+    assert _prepare().prompt_rendering == "chat_template"

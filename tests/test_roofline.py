@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.measure import machine_rates
 from pipeline.measure.roofline import (
     roofline_metrics,
     roofline_tokens_per_s,
@@ -149,8 +150,6 @@ def test_rates_measured_under_load_are_flagged_and_not_cached(tmp_path: Path) ->
 def test_bandwidth_is_measured_once_for_every_dtype(tmp_path: Path, monkeypatch) -> None:
     # Real measurements; only the verdict is pinned to idle, because whether the shared
     # test machine is idle cannot be arranged and a busy reading is (rightly) not cached.
-    from pipeline.measure import machine_rates
-
     monkeypatch.setattr(machine_rates, "busy_reasons", lambda *a, **k: [])
     calls = []
     real = machine_rates.measure_bandwidth
@@ -229,3 +228,23 @@ def test_command_prints_cached_rates_without_measuring(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "pipeline.measure.roofline", "--dtypes",
                           "int4"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--dtypes='int4' is invalid" in bad.stderr
+
+
+def test_a_busy_reading_serves_this_process_for_a_while(tmp_path: Path, monkeypatch) -> None:
+    # The reading is pinned busy (a stub: a busy machine cannot be ordered up on demand);
+    # what is checked is how often a sweep's jobs would measure again on a loaded machine.
+    calls: list[float] = []
+
+    def busy_reading(device: str = "cpu") -> dict:
+        calls.append(time.time())
+        return {"bandwidth_bytes_per_s": 1e9 * len(calls), "busy": True,
+                "busy_reasons": ["bandwidth: pinned busy"], "measured_at_epoch": time.time()}
+
+    monkeypatch.setattr(machine_rates, "measure_bandwidth", busy_reading)
+    first = machine_rates.cached_bandwidth(tmp_path, "cpu")
+    again = machine_rates.cached_bandwidth(tmp_path, "cpu")  # the next job, moments later
+    assert len(calls) == 1 and again["bandwidth_bytes_per_s"] == first["bandwidth_bytes_per_s"]
+    assert again["cached"] is False and "busy" in again["source"]
+    later = machine_rates.cached_bandwidth(tmp_path, "cpu", reuse_busy_s=0.0)  # aged out
+    assert len(calls) == 2 and later["bandwidth_bytes_per_s"] == 2e9  # the better one kept
+    assert not list(tmp_path.glob("roofline/*.json"))

@@ -8,12 +8,12 @@ compute metrics; metrics never know backends.
 A backend class also owns every plug-in point the pipeline needs from it, so that nothing
 outside ``pipeline/backends/`` names a backend: its settings schema (``config_class``),
 what it can honour (:meth:`Backend.check`, before anything loads), the GPUs it occupies
-(:meth:`Backend.gpus_needed`), its device synchronization (:meth:`Backend.sync`),
-whether it can lend its
-model to the perplexity scorer (:meth:`Backend.scorer_model`), the engines it keeps
-between jobs (:meth:`Backend.cached_engines`, :meth:`Backend.shutdown_cached`) and what each
-of its settings means to the sweep-end gate (:attr:`Backend.settings`: every field of its
-``config_class`` is a *task*, *optimization* or *bookkeeping* field, see :class:`Setting`).
+(:meth:`Backend.gpus_needed`), its device synchronization (:meth:`Backend.sync`), whether
+it can lend its model to the perplexity scorer (:meth:`Backend.scorer_model`), the engines
+it keeps between jobs (:meth:`Backend.cached_engines`, :meth:`Backend.shutdown_cached`)
+and what each of its settings means to the sweep-end gate (:attr:`Backend.settings`: every
+field of its ``config_class`` is a *task*, *optimization* or *bookkeeping* field, see
+:class:`Setting`).
 """
 
 from __future__ import annotations

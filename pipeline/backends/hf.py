@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import sys
 from collections.abc import Callable
@@ -11,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline import hardware
 from pipeline.backends import hf_quantization as hq
 from pipeline.backends import hf_speculative as hs
 from pipeline.backends import hf_static as hst
@@ -21,12 +21,11 @@ from pipeline.backends.base import (
     Job,
     Setting,
     backend_of,
-    model_dtype,
     optimization,
 )
 from pipeline.config import DTYPES, DecodingConfig, ModelConfig, check_choice, check_range
-from pipeline.devices import resolve_device, torch_dtype
-from pipeline.errors import ConfigError, UnsupportedDecoding
+from pipeline.devices import resolve_device
+from pipeline.errors import UnsupportedDecoding
 from pipeline.measure.timing import Sync, clock
 from pipeline.records import Request, RequestRecord
 
@@ -35,7 +34,10 @@ if TYPE_CHECKING:
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "sdpa_flash", "flash_attention_2")
 CACHE_IMPLEMENTATIONS = ("dynamic", "static")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: ``auto``: the hardware rule's mode (hardware.COMPILE_AUTO: no CUDA graphs on the CPU,
+#: reduce-overhead's CUDA graphs on CUDA)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs",
+                 "auto")
 
 
 @dataclass
@@ -82,6 +84,12 @@ def _compiled(job: Job) -> bool:
     return bool(backend_of(job).get("compile"))
 
 
+def _compile_mode(value: Any, job: Job) -> Any:
+    """``compile_mode=auto`` resolved on the job's device (this machine)."""
+    device = str((job.get("model") or {}).get("device", "auto"))
+    return value if value != "auto" else hardware.compile_mode(value, hardware.live(device))
+
+
 def _loop(value: Any, job: Job) -> str:
     """``auto`` resolved for the job's decoding (what ``applied.decode_loop`` records)."""
     from types import SimpleNamespace
@@ -104,7 +112,7 @@ HF_SETTINGS: dict[str, Setting] = {
     "cache_implementation": optimization(
         ("dynamic",), read_if=lambda j: bool(backend_of(j).get("use_cache", True))),
     "compile": optimization((False,)),
-    "compile_mode": optimization(("default",), read_if=_compiled),
+    "compile_mode": optimization(("default",), read_if=_compiled, effective=_compile_mode),
     "inductor_freezing": optimization((False,), read_if=_compiled),
     "inductor_cpp_wrapper": optimization((False,), read_if=_compiled),
     "inductor_weight_prepack": optimization(
@@ -115,7 +123,7 @@ HF_SETTINGS: dict[str, Setting] = {
         (1,), read_if=lambda j: _compiled(j) and _loop(
             backend_of(j).get("decode_loop", "generate"), j) == "generate"),
     "compile_cache_dir": BOOKKEEPING,
-    "dtype": optimization(("float32",), effective=model_dtype),
+    "dtype": optimization(("float32",), effective=hardware.effective_dtype),
     "num_threads": BOOKKEEPING,
     "prompt_lookup_num_tokens": optimization((None, 0), numerics=False),
     "draft_model": optimization((None,), numerics=False),
@@ -150,22 +158,6 @@ def hf_generate_kwargs(d: DecodingConfig, max_new_tokens: int, fixed_length: boo
         kw["min_new_tokens"] = max_new_tokens
     return kw
 
-
-
-def check_attention(attn: str, device: str) -> None:
-    """Fail before loading when the requested attention kernel cannot be had."""
-    if attn != "flash_attention_2":
-        return
-    missing = []
-    if importlib.util.find_spec("flash_attn") is None:
-        missing.append("the flash-attn package (pip install -e '.[flash-attn]' on CUDA)")
-    if device != "cuda":
-        missing.append("a CUDA GPU")
-    if missing:
-        raise ConfigError(
-            f"backend.attn_implementation='flash_attention_2' is unavailable: missing "
-            f"{' and '.join(missing)}; use sdpa or sdpa_flash instead"
-        )
 
 
 # (model_dir, dtype, attention, weights, device, compile settings, quantization)
@@ -228,8 +220,8 @@ class HFBackend(Backend):
     def check(cls, spec: Config) -> None:
         hf_generate_kwargs(spec.decoding, spec.workload.max_new_tokens,
                            spec.workload.fixed_length)
-        if spec.model.device != "auto":  # auto would need torch to answer
-            check_attention(spec.backend.attn_implementation, spec.model.device)
+        # dtype, attention kernel and compile mode on the hardware: hardware.decide, which
+        # check_inputs applies to every job (a +target's card in a dry run)
         hs.check_speculative(spec)
         hq.check_quantization(spec)
         hst.check_decode_loop(spec)
@@ -255,25 +247,35 @@ class HFBackend(Backend):
         self.num_parameters = 0  # of the unquantized architecture
         self._spec_calls: list[dict[str, float]] = []
         self.decode_loop: str | None = None  # the loop the last call ran
+        self.compile_mode = cfg.compile_mode  # ``auto`` resolved at load (hardware rule)
+        self.cuda_graphs = False
 
     def load(self) -> None:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         self.device = resolve_device(self.model_cfg.device)
-        check_attention(self.cfg.attn_implementation, self.device)
+        # the hardware rule again, on the device this model lands on (check_inputs decided
+        # for model.device; the package and kernel must exist here)
+        hw = hardware.live(self.device)
+        own = self.cfg.dtype
+        dtype_name = hardware.check_dtype("backend.dtype" if own else "model.dtype",
+                                          own or self.model_cfg.dtype, hw)
+        hardware.check_attention(self.cfg.attn_implementation, dtype_name, hw)
+        self.compile_mode = hardware.compile_mode(self.cfg.compile_mode, hw)
+        self.cuda_graphs = hardware.hf_cuda_graphs(self.cfg.compile, self.compile_mode, hw)
         hq.check_device(self.cfg.quantization, self.device)
         if self.cfg.num_threads:
             torch.set_num_threads(self.cfg.num_threads)
         attn = "sdpa" if self.cfg.attn_implementation == "sdpa_flash" else (
             self.cfg.attn_implementation
         )
-        dtype = torch_dtype(self.cfg.dtype or self.model_cfg.dtype)
+        dtype = getattr(torch, dtype_name)
         trust = self.model_cfg.trust_remote_code
         m = self.model_cfg
         key = (self.model_dir, m.revision, trust, str(dtype), attn, m.weights,
                self.seed if m.weights == "random" else None, self.device, self.cfg.compile,
-               self.cfg.compile_mode, self.cfg.inductor_freezing, self.cfg.inductor_cpp_wrapper,
+               self.compile_mode, self.cfg.inductor_freezing, self.cfg.inductor_cpp_wrapper,
                self.cfg.inductor_weight_prepack, self.cfg.quantization)
         if key in _LOADED:
             self.model, self.tokenizer, self.num_parameters = _LOADED[key]
@@ -323,7 +325,7 @@ class HFBackend(Backend):
             # job's output readable; compile_s still reports what autotuning cost
             inductor.max_autotune_report_choices_stats = False
             inductor.autotune_num_choices_displayed = 0
-            self.model.forward = torch.compile(self.model.forward, mode=self.cfg.compile_mode)
+            self.model.forward = torch.compile(self.model.forward, mode=self.compile_mode)
         _LOADED[key] = (self.model, self.tokenizer, self.num_parameters)
         self._load_draft(dtype, attn)
 
@@ -551,7 +553,8 @@ class HFBackend(Backend):
             "cache_implementation": self.cfg.cache_implementation,
             "decode_loop": self.decode_loop,
             "compiled": self.cfg.compile,
-            "compile_mode": self.cfg.compile_mode if self.cfg.compile else None,
+            "compile_mode": self.compile_mode if self.cfg.compile else None,
+            "cuda_graphs": self.cuda_graphs,
             "compile_reused": self.compile_reused,
             "model_reused": self.model_reused,
             "inductor_freezing": self.cfg.inductor_freezing if self.cfg.compile else None,

@@ -310,34 +310,47 @@ def _measured(f: Path, rate_key: str, measure: Callable[[], dict[str, Any]]
             "cached": False, "cache_file": str(f)}
 
 
-def _cached(f: Path, rate_key: str, force: bool) -> dict[str, Any] | None:
-    """The cache entry ``f`` when it holds ``rate_key`` (and ``force`` is off)."""
+#: a busy reading this process took less than this long ago serves again instead of a new
+#: measurement: on a loaded machine every job of a sweep would otherwise spend seconds
+#: re-measuring, and add to the load it measures
+BUSY_REUSE_S = 60.0
+
+
+def _cached(f: Path, rate_key: str, force: bool, reuse_busy_s: float = BUSY_REUSE_S
+            ) -> dict[str, Any] | None:
+    """The cache entry ``f`` when it holds ``rate_key`` (and ``force`` is off), else this
+    process's busy reading of it when younger than ``reuse_busy_s``."""
     d = None if force else _read(f)
-    if d is None or rate_key not in d:
-        return None
-    return {**d, "source": "cache", "cached": True, "cache_file": str(f)}
+    if d is not None and rate_key in d:
+        return {**d, "source": "cache", "cached": True, "cache_file": str(f)}
+    prev = None if force else _PROCESS_BEST.get(str(f))
+    if prev is not None and time.time() - prev["measured_at_epoch"] < reuse_busy_s:
+        return {**prev, "source": "measured busy (best in this process)", "cached": False,
+                "cache_file": str(f)}
+    return None
 
 
-def cached_bandwidth(cache_dir: Path, device: str, force: bool = False) -> dict[str, Any]:
+def cached_bandwidth(cache_dir: Path, device: str, force: bool = False,
+                     reuse_busy_s: float = BUSY_REUSE_S) -> dict[str, Any]:
     """The machine's read bandwidth record (``bandwidth_bytes_per_s``, conditions,
     ``source``, ``cached``, ``cache_file``): the cached idle measurement, else one taken
     now (``force``: always taken now; a busy one never replaces a cached idle one)."""
     f = Path(cache_dir) / "roofline" / f"{machine_key(device, None)}.json"
-    return _cached(f, "bandwidth_bytes_per_s", force) or _measured(
+    return _cached(f, "bandwidth_bytes_per_s", force, reuse_busy_s) or _measured(
         f, "bandwidth_bytes_per_s", lambda: measure_bandwidth(device))
 
 
-def cached_matmul(cache_dir: Path, device: str, dtype: str, force: bool = False
-                  ) -> dict[str, Any]:
+def cached_matmul(cache_dir: Path, device: str, dtype: str, force: bool = False,
+                  reuse_busy_s: float = BUSY_REUSE_S) -> dict[str, Any]:
     """The machine's matmul record for ``dtype`` (``matmul_flops_per_s``, its
     ``_native_dtype`` reading, conditions, source), cached like :func:`cached_bandwidth`."""
     f = Path(cache_dir) / "roofline" / f"{machine_key(device, dtype)}.json"
-    return _cached(f, "matmul_flops_per_s", force) or _measured(
+    return _cached(f, "matmul_flops_per_s", force, reuse_busy_s) or _measured(
         f, "matmul_flops_per_s", lambda: measure_matmul(device, dtype))
 
 
-def cached_rates(cache_dir: Path, device: str, dtype: str, force: bool = False
-                 ) -> dict[str, Any]:
+def cached_rates(cache_dir: Path, device: str, dtype: str, force: bool = False,
+                 reuse_busy_s: float = BUSY_REUSE_S) -> dict[str, Any]:
     """The machine's rates for ``dtype`` on ``device``: ``bandwidth_bytes_per_s``,
     ``matmul_flops_per_s`` (and its ``_native_dtype`` reading), ``busy`` (either reading
     was taken on a busy machine) and the two records (``bandwidth``, ``matmul``:
@@ -345,15 +358,17 @@ def cached_rates(cache_dir: Path, device: str, dtype: str, force: bool = False
 
     Each comes from the cache when an idle measurement is there, else is measured now
     (about a second each, more under load; bandwidth first, the rate a small batch's
-    roofline rests on). ``force`` measures both again. A dtype entry that carries its own
+    roofline rests on). ``force`` measures both again; a busy reading this process took
+    within ``reuse_busy_s`` serves again (the roofline after a job reuses the one taken
+    before its model loaded: pass ``math.inf``). A dtype entry that carries its own
     ``bandwidth_bytes_per_s`` (rates pinned by hand) is used whole."""
     mm_file = Path(cache_dir) / "roofline" / f"{machine_key(device, dtype)}.json"
-    pinned = _cached(mm_file, "matmul_flops_per_s", force)
+    pinned = _cached(mm_file, "matmul_flops_per_s", force, reuse_busy_s)
     if pinned is not None and "bandwidth_bytes_per_s" in pinned:
         bw, mm = pinned, pinned
     else:
-        bw = cached_bandwidth(cache_dir, device, force)
-        mm = pinned or cached_matmul(cache_dir, device, dtype, force)
+        bw = cached_bandwidth(cache_dir, device, force, reuse_busy_s)
+        mm = pinned or cached_matmul(cache_dir, device, dtype, force, reuse_busy_s)
     return {
         "bandwidth_bytes_per_s": float(bw["bandwidth_bytes_per_s"]),
         "matmul_flops_per_s": float(mm["matmul_flops_per_s"]),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,9 @@ def roofline_metrics(applied: dict[str, Any], batch: int, tokens_per_s: float,
     device = "cuda" if str(applied.get("device", "cpu")).startswith("cuda") else "cpu"
     if not params or dtype not in DTYPE_BYTES:
         return {}
-    rates = cached_rates(cache_dir, device, dtype)
+    # the reading taken before the model loaded, busy or not: measuring now would only
+    # add the finished job's leftovers (compile workers, engine children) to the load
+    rates = cached_rates(cache_dir, device, dtype, reuse_busy_s=math.inf)
     if provenance is not None:
         provenance["machine_rates"] = rates_provenance(rates)
     applied_bytes = applied.get("bytes_per_parameter")

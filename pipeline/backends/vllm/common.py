@@ -25,13 +25,13 @@ from typing import Any, Generic, TypeVar
 
 import psutil
 
+from pipeline import hardware
 from pipeline.backends.base import (
     BOOKKEEPING,
     BackendConfig,
     Job,
     Setting,
     backend_of,
-    model_dtype,
     optimization,
     task,
 )
@@ -54,7 +54,8 @@ class VLLMSettings(BackendConfig):
 
     dtype: str | None = None  # None -> model.dtype; "auto" as for every backend
     max_model_len: int = 2048
-    enforce_eager: bool = True
+    #: auto (the hardware rule: eager on the CPU, CUDA graphs on CUDA) | true | false
+    enforce_eager: str = "auto"
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
     max_num_seqs: int = 256
@@ -69,6 +70,14 @@ class VLLMSettings(BackendConfig):
     quantization: str | None = None
 
 
+def _eager(value: Any, job: Job) -> bool:
+    """``enforce_eager`` in effect: ``auto`` resolved on the job's device (this machine)."""
+    if str(value).lower() != "auto":
+        return str(value).lower() == "true"
+    return hardware.enforce_eager("auto", hardware.live(str((job.get("model") or {}).get(
+        "device", "auto"))))
+
+
 def _run_seed(value: Any, job: Job) -> Any:
     """``backend.seed`` equal to the run's seed (or null) says nothing the run does not."""
     return None if value is None or value == job.get("seed") else value
@@ -79,9 +88,9 @@ def _run_seed(value: Any, job: Job) -> Any:
 #: capacity (context, memory, sequences, KV space, threads) is bookkeeping, since a request
 #: that does not fit is refused, never computed differently
 VLLM_SETTINGS: dict[str, Setting] = {
-    "dtype": optimization(("float32",), effective=model_dtype),
+    "dtype": optimization(("float32",), effective=hardware.effective_dtype),
     "max_model_len": BOOKKEEPING,
-    "enforce_eager": optimization((True,)),
+    "enforce_eager": optimization((True,), effective=_eager),
     "gpu_memory_utilization": BOOKKEEPING,
     "tensor_parallel_size": optimization((1,)),
     "max_num_seqs": BOOKKEEPING,
@@ -170,6 +179,9 @@ def validate_vllm_settings(s: VLLMSettings) -> None:
     naming the key, the value and what is allowed."""
     if s.dtype is not None:
         check_choice("backend.dtype", s.dtype, DTYPES)
+    # yaml's true/false arrive as "True"/"False" in the str field
+    s.enforce_eager = str(s.enforce_eager).lower()
+    check_choice("backend.enforce_eager", s.enforce_eager, hardware.EAGER_CHOICES)
     check_range("backend.max_model_len", s.max_model_len, 16)
     check_range("backend.gpu_memory_utilization", s.gpu_memory_utilization, 0.0, 1.0,
                 lo_open=True)
@@ -237,8 +249,19 @@ def speculative_config(s: VLLMBackendConfig) -> dict[str, Any] | None:
 
 def engine_dtype(s: VLLMSettings, model: ModelConfig) -> str:
     """The dtype handed to vLLM: never vLLM's own ``auto`` (which turns a float32
-    checkpoint into float16), but the pipeline's rule for every backend."""
-    return resolve_dtype_name(s.dtype or model.dtype)
+    checkpoint into float16), but the pipeline's rule for every backend (bfloat16 below
+    compute capability 8.0 is refused, as vLLM would)."""
+    name = s.dtype or model.dtype
+    if str(model.device) == "cpu" or name not in ("auto", "bfloat16"):
+        return resolve_dtype_name(name, str(model.device))
+    return hardware.check_dtype("backend.dtype" if s.dtype else "model.dtype", name,
+                                hardware.live(str(model.device)))
+
+
+def engine_eager(s: VLLMSettings, model: ModelConfig) -> bool:
+    """``enforce_eager`` for the engine: ``auto`` is eager on the CPU, CUDA graphs on CUDA
+    (the device vLLM will run on, as ``model.device`` resolves here)."""
+    return hardware.enforce_eager(s.enforce_eager, hardware.live(str(model.device)))
 
 
 def engine_seed(s: VLLMSettings, seed: int) -> int:
@@ -318,7 +341,7 @@ def engine_key(model_dir: str, model: ModelConfig, s: VLLMSettings, dtype: str, 
     """Every setting that shapes a started engine: jobs with equal keys can share one."""
     return (
         model_dir, model.revision, model.weights, model.trust_remote_code, model.device,
-        dtype, s.max_model_len, s.enforce_eager, s.gpu_memory_utilization,
+        dtype, s.max_model_len, engine_eager(s, model), s.gpu_memory_utilization,
         s.tensor_parallel_size, s.max_num_seqs, s.enable_prefix_caching, s.quantization, seed,
         tuple(sorted(env.items())), *extra,
     )

@@ -35,6 +35,7 @@ from pipeline.backends.vllm.common import (
     VLLMPlugins,
     cpu_list,
     engine_dtype,
+    engine_eager,
     engine_env,
     engine_key,
     engine_seed,
@@ -50,6 +51,7 @@ from pipeline.backends.vllm.quantization import check_quantization
 from pipeline.backends.vllm.sampling import check_vllm, vllm_params
 from pipeline.config import DecodingConfig, ModelConfig
 from pipeline.errors import ConfigError, UnsupportedDecoding
+from pipeline.gpu_memory import prepare_gpu_for_engine
 from pipeline.records import Request, RequestRecord
 from pipeline.workload.limits import check_requests_fit
 
@@ -184,7 +186,7 @@ class VLLMBackend(VLLMPlugins, Backend):
         """The keyword arguments of ``vllm.LLM`` for these settings."""
         kwargs: dict[str, Any] = dict(
             model=self.model_dir, dtype=dtype, max_model_len=self.cfg.max_model_len,
-            enforce_eager=self.cfg.enforce_eager,
+            enforce_eager=engine_eager(self.cfg, self.model_cfg),
             gpu_memory_utilization=self.cfg.gpu_memory_utilization,
             tensor_parallel_size=self.cfg.tensor_parallel_size,
             max_num_seqs=self.cfg.max_num_seqs,
@@ -224,6 +226,11 @@ class VLLMBackend(VLLMPlugins, Backend):
             from vllm.platforms import current_platform
 
             self._check_device(current_platform.device_type)
+            # a cached HF model leaves the GPU first, then the card must have
+            # gpu_memory_utilization of itself free (one-line refusal otherwise)
+            prepare_gpu_for_engine(type(self), current_platform.device_type,
+                                   self.cfg.gpu_memory_utilization,
+                                   self.cfg.tensor_parallel_size)
             t0 = time.perf_counter()
             try:
                 llm = LLM(**kwargs)
@@ -418,6 +425,8 @@ class VLLMBackend(VLLMPlugins, Backend):
             "dtype": str(mc.dtype).removeprefix("torch."),
             "max_model_len": mc.max_model_len,
             "enforce_eager": mc.enforce_eager,
+            "cuda_graphs": str(getattr(vc.device_config, "device_type", "")) == "cuda"
+            and not mc.enforce_eager,
             "block_size": cc.block_size,
             "kv_cache_blocks": cc.num_gpu_blocks,
             "kv_cache_tokens": _kv_tokens(cc),

@@ -53,6 +53,7 @@ from pipeline.backends.vllm.common import (
     VLLMPlugins,
     VLLMServerBackendConfig,
     engine_dtype,
+    engine_eager,
     engine_env,
     engine_key,
     engine_seed,
@@ -64,6 +65,7 @@ from pipeline.backends.vllm.common import (
 from pipeline.backends.vllm.quantization import check_quantization
 from pipeline.config import DecodingConfig, ModelConfig, check_choice, check_range
 from pipeline.errors import ConfigError
+from pipeline.gpu_memory import prepare_gpu_for_engine
 from pipeline.records import Request, RequestRecord
 from pipeline.serving_client import http_get_json
 from pipeline.workload.limits import check_requests_fit
@@ -346,7 +348,7 @@ class VLLMServerBackend(VLLMPlugins, OpenAIBackend):
             "--gpu-memory-utilization", str(c.gpu_memory_utilization),
             "--tensor-parallel-size", str(c.tensor_parallel_size),
             "--seed", str(self.server_seed),
-            "--enforce-eager" if c.enforce_eager else "--no-enforce-eager",
+            "--enforce-eager" if engine_eager(c, m) else "--no-enforce-eager",
             "--enable-prefix-caching" if c.enable_prefix_caching
             else "--no-enable-prefix-caching",
             # Sampling defaults from vLLM, not the model's generation_config: the client
@@ -383,6 +385,13 @@ class VLLMServerBackend(VLLMPlugins, OpenAIBackend):
         self._read_server_info()
 
     def _start(self, key: tuple, env: dict[str, str]) -> VLLMServer:
+        from pipeline.devices import cuda_present
+
+        # the server's vLLM build runs on CUDA where a GPU is visible: a cached HF model
+        # leaves the GPU first, then gpu_memory_utilization of the card must be free
+        prepare_gpu_for_engine(type(self), "cuda" if cuda_present() else "cpu",
+                               self.server_cfg.gpu_memory_utilization,
+                               self.server_cfg.tensor_parallel_size)
         port = free_port()
         log_dir = Path(self.server_cfg.log_dir).expanduser().resolve()
         stamp = time.strftime("%Y%m%d-%H%M%S")
