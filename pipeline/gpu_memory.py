@@ -19,7 +19,7 @@ paths that call them are thin and unverified without a GPU):
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pipeline.errors import ConfigError
@@ -90,26 +90,15 @@ def check_free_memory(free: int, total: int, utilization: float,
         f"{fix}, or stop what else runs on the GPU")
 
 
-def _loaded_backend_classes() -> Iterable[type]:
-    """Every Backend subclass imported in this process (imports nothing)."""
-    from pipeline.backends.base import Backend
-
-    todo, seen = list(Backend.__subclasses__()), set()
-    while todo:
-        cls = todo.pop()
-        if cls not in seen:
-            seen.add(cls)
-            todo.extend(cls.__subclasses__())
-            yield cls
-
-
 def held_gpu_engines() -> dict[str, tuple[int, Callable[[], int]]]:
     """Each loaded backend that keeps engines or models between jobs, by the name of the
     class that implements its cache: (how many it holds now, its ``shutdown_cached``).
     A subclass that inherits the cache is the same holder, counted once."""
+    from pipeline.backends import loaded_classes
+
     out: dict[str, tuple[int, Callable[[], int]]] = {}
     seen: set[Any] = set()
-    for cls in _loaded_backend_classes():
+    for cls in loaded_classes():
         count, stop = cls.cached_engines, cls.shutdown_cached
         if count.__func__ in seen:
             continue

@@ -42,7 +42,7 @@ def make_backend(spec: Config, model_dir: str) -> Backend:
     return cls(model_dir, spec.model, spec.backend, spec.seed)
 
 
-def _loaded_classes() -> Iterator[type[Backend]]:
+def loaded_classes() -> Iterator[type[Backend]]:
     """Every Backend subclass imported in this process (nothing is imported for it)."""
     from pipeline.backends.base import Backend
 
@@ -59,7 +59,7 @@ def _distinct(method: str) -> Iterator[Any]:
     """Each distinct implementation of a classmethod among the loaded classes (a subclass
     that inherits it must not run it twice)."""
     seen = set()
-    for cls in _loaded_classes():
+    for cls in loaded_classes():
         fn = getattr(cls, method)
         if fn.__func__ not in seen:
             seen.add(fn.__func__)
