@@ -18,8 +18,8 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
-    """Hand the composed config to the experiment; config errors exit 2 in one line."""
-    from pipeline.experiment import run_job
+    """Hand the composed config to the job; config errors exit 2 in one line."""
+    from pipeline.job import run_job
 
     try:
         run_job(cfg)

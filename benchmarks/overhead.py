@@ -53,7 +53,7 @@ def pipeline_job(overrides: list[str], out_dir: Path) -> dict:
     from omegaconf import open_dict
 
     from pipeline.config import register_configs
-    from pipeline.experiment import run_job
+    from pipeline.job import run_job
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

@@ -90,7 +90,7 @@ def run_vllm_client(args: argparse.Namespace) -> dict[str, float]:
 
 
 def run_ours(backend: Any, requests: list[Any], a: argparse.Namespace) -> dict[str, float]:
-    """One run of our client through the backend, measured as pipeline.experiment does."""
+    """One run of our client through the backend, measured as pipeline.job_measure does."""
     from pipeline.config import DecodingConfig
     from pipeline.metrics import performance
 
@@ -114,7 +114,7 @@ def run_ours(backend: Any, requests: list[Any], a: argparse.Namespace) -> dict[s
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Start the server, run both clients, print the table; returns the figures."""
-    from pipeline.backends.vllm.common import VLLMServerBackendConfig
+    from pipeline.backends.vllm.config import VLLMServerBackendConfig
     from pipeline.backends.vllm.server import VLLMServerBackend
     from pipeline.config import DecodingConfig, ModelConfig
     from pipeline.models import preset, resolve_model

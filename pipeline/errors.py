@@ -11,6 +11,12 @@ class ConfigError(ValueError):
 class UnsupportedDecoding(ConfigError):
     """A decoding or workload option a backend cannot honour (never silently dropped)."""
 
+    @classmethod
+    def option(cls, backend: str, key: str, value: object, instead: str) -> UnsupportedDecoding:
+        """The one refusal every backend gives for a ``decoding.<key>`` it cannot honour:
+        the backend, the key and its value, and what to use instead."""
+        return cls(f"backend {backend}: decoding.{key}={value!r} is not supported; {instead}")
+
 
 class JobFailed(RuntimeError):
     """The job ran but failed; results.json and MLflow hold the details."""

@@ -5,19 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from pipeline.config import register_configs, validate
 from pipeline.errors import ConfigError
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, compose_config, run_cli
 
 register_configs()
-CONF = str(ROOT / "conf")
-
-
-def _compose(*overrides: str):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
 
 
 def _options(group: str) -> list[str]:
@@ -26,7 +19,7 @@ def _options(group: str) -> list[str]:
 
 @pytest.mark.parametrize("name", _options("decoding"))
 def test_every_decoding_preset_validates(name: str) -> None:
-    spec = validate(_compose(f"decoding={name}"))
+    spec = validate(compose_config(f"decoding={name}"))
     assert spec.decoding.name == name
 
 
@@ -35,32 +28,32 @@ def test_every_workload_preset_validates(name: str, tmp_path: Path) -> None:
     f = tmp_path / "p.txt"
     f.write_text("hello there\n")
     extra = [f"workload.prompts_file={f}"] if name == "file" else []
-    spec = validate(_compose(f"workload={name}", *extra))
+    spec = validate(compose_config(f"workload={name}", *extra))
     assert spec.workload.name == name
 
 
 def test_defaults_and_sweepable_values() -> None:
-    spec = validate(_compose())
+    spec = validate(compose_config())
     assert (spec.model.name, spec.backend.name, spec.decoding.name, spec.workload.name) == (
         "smollm2-135m", "hf", "greedy", "quick")
-    spec = validate(_compose("decoding=beam", "decoding.num_beams=8",
-                             "decoding.repetition_penalty=1.2"))
+    spec = validate(compose_config("decoding=beam", "decoding.num_beams=8",
+                                    "decoding.repetition_penalty=1.2"))
     assert spec.decoding.num_beams == 8 and spec.decoding.repetition_penalty == 1.2
 
 
 def test_combined_and_use_case_presets_hold_the_documented_values() -> None:
-    c = validate(_compose("decoding=combined")).decoding
+    c = validate(compose_config("decoding=combined")).decoding
     assert (c.temperature, c.top_p, c.repetition_penalty, c.no_repeat_ngram_size) == (
         0.7, 0.9, 1.2, 3)
-    t = validate(_compose("decoding=translation")).decoding
+    t = validate(compose_config("decoding=translation")).decoding
     assert (t.num_beams, t.temperature) == (4, 0.3)
-    code = validate(_compose("decoding=code")).decoding
+    code = validate(compose_config("decoding=code")).decoding
     assert (code.temperature, code.top_p, code.top_k) == (0.3, 0.9, 50)
 
 
 def test_unknown_key_is_refused_at_composition() -> None:
     with pytest.raises(Exception, match="nosuchkey"):
-        _compose("decoding.nosuchkey=1")
+        compose_config("decoding.nosuchkey=1")
 
 
 @pytest.mark.parametrize(
@@ -78,7 +71,7 @@ def test_unknown_key_is_refused_at_composition() -> None:
 )
 def test_bad_values_name_key_value_and_rule(override: str, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.").replace("(", r"\(")):
-        validate(_compose(override))
+        validate(compose_config(override))
 
 
 # The catalogue, end to end through run.py: one line on stderr, exit 2, no model.

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import gate as sweep
-from pipeline.metrics import gate as g
+from pipeline.analysis import gate as sweep
+from pipeline.analysis import gate_rules as g
 from pipeline.records import JobResult
 
 T = g.THRESHOLDS
@@ -144,7 +144,7 @@ def test_sweep_gate_writes_gate_json_without_loading_a_model(tmp_path: Path) -> 
 
 
 def test_report_table_lists_gated_jobs_only() -> None:
-    from pipeline.report import gate as report_gate
+    from pipeline.report import gate_table as report_gate
     from pipeline.report.collect import JobRun, SweepData
 
     def run(job: int, tags: dict, metrics: dict) -> JobRun:

@@ -1,4 +1,5 @@
-"""The gate's teacher-forced KL (``pipeline.gate.teacher_forced``) on the real packaged model.
+"""The gate's teacher-forced KL (``pipeline.analysis.gate.teacher_forced``) on the real
+packaged model.
 
 Both settings score the same token sequences (the built-in prompts of ``workload=quick``
 and a fixed continuation): the same settings twice must give KL 0 and equal NLLs; dynamic
@@ -15,7 +16,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from pipeline import gate
+from pipeline.analysis import gate
 from pipeline.config import register_configs
 from pipeline.records import JobResult
 from tests.conftest import CACHE_DIR, ROOT

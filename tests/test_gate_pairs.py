@@ -16,7 +16,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from pipeline import gate
+from pipeline.analysis import gate
 from pipeline.backends import backend_class
 from pipeline.config import register_configs
 from pipeline.records import JobResult

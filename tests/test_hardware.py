@@ -12,11 +12,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from pipeline import hardware
-from pipeline.backends.vllm.common import engine_eager
-from pipeline.backends.vllm.engine import VLLMBackend, VLLMBackendConfig
+from pipeline.backends.vllm.config import VLLMBackendConfig, engine_eager
+from pipeline.backends.vllm.engine import VLLMBackend
 from pipeline.config import ModelConfig, register_configs
 from pipeline.errors import ConfigError
-from pipeline.experiment import check_inputs
+from pipeline.job_checks import check_inputs
 from tests.conftest import ROOT, assert_refused_early
 
 register_configs()

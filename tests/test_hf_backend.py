@@ -9,11 +9,11 @@ from pipeline.config import DecodingConfig, ModelConfig, WorkloadConfig
 from pipeline.metrics.diversity import distinct_n, self_bleu
 from pipeline.metrics.quality import continuation_nll, corpus_perplexity
 from pipeline.workload import load_prompts, make_requests
-from tests.test_config import _compose
+from tests.conftest import compose_config
 
 pytestmark = pytest.mark.slow
 
-QUICK = list(_compose().workload.prompts)
+QUICK = list(compose_config().workload.prompts)
 
 
 @pytest.fixture(scope="module")

@@ -1,17 +1,17 @@
-"""The static decode loop (pipeline/backends/hf_static.py) against transformers' own
+"""The static decode loop (pipeline/backends/hf/static.py) against transformers' own
 ``generate`` on the real packaged model, in float32 where both must agree token for token."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipeline.backends import hf_static as hst
 from pipeline.backends.hf import HFBackend, HFBackendConfig
+from pipeline.backends.hf import static as hst
 from pipeline.config import DecodingConfig, ModelConfig
 from pipeline.workload import make_requests
-from tests.test_config import _compose
+from tests.conftest import compose_config
 
-QUICK = list(_compose().workload.prompts)
+QUICK = list(compose_config().workload.prompts)
 STATIC = HFBackendConfig(cache_implementation="static", decode_loop="static")
 GENERATE = HFBackendConfig(cache_implementation="static")
 

@@ -18,9 +18,21 @@ from typing import Any
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.tracking import mlflow as trk
-from tests.conftest import CACHE_DIR, ROOT, run_cli
-from tests.test_mlflow_usability import TINY
+from pipeline.tracking import parent_run
+from pipeline.tracking.job_runs import SUPERSEDED_TAG, job_number
+from pipeline.tracking.parent_run import (
+    OWNER_HOST_TAG,
+    OWNER_PID_TAG,
+    PARENT_ID_FILE,
+    SweepStillOwned,
+    open_parent,
+    owner_tags,
+    pid_alive,
+    sweep_key,
+    take_over_parent,
+)
+from pipeline.tracking.store import default_store_uri
+from tests.conftest import CACHE_DIR, ROOT, TINY, run_cli
 
 TOY = ("backend=toy", f"hydra.searchpath=[file://{ROOT / 'tests' / 'conf'}]")
 
@@ -32,7 +44,7 @@ def _common(tmp_path: Path) -> tuple[str, ...]:
 def _store(tmp_path: Path) -> tuple[Any, str]:
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=trk.default_store_uri(tmp_path))
+    client = MlflowClient(tracking_uri=default_store_uri(tmp_path))
     return client, client.get_experiment_by_name("infersweep").experiment_id
 
 
@@ -63,10 +75,10 @@ def test_resume_leaves_one_child_per_job_and_deletes_the_superseded_attempt(
     client, exp_id = _store(tmp_path)
     (parent,) = _parents(client, exp_id)
     pid = parent.info.run_id
-    assert parent.data.tags[trk.OWNER_HOST_TAG] == socket.gethostname()
-    first_owner = int(parent.data.tags[trk.OWNER_PID_TAG])
-    assert not trk.pid_alive(first_owner)  # that run.py has exited
-    before = {trk.job_number(r): r for r in _children(client, exp_id, pid)}
+    assert parent.data.tags[OWNER_HOST_TAG] == socket.gethostname()
+    first_owner = int(parent.data.tags[OWNER_PID_TAG])
+    assert not pid_alive(first_owner)  # that run.py has exited
+    before = {job_number(r): r for r in _children(client, exp_id, pid)}
     assert {j: r.info.status for j, r in before.items()} == {0: "FINISHED", 1: "FAILED"}
     client.update_run(pid, status="RUNNING")  # as a killed sweep leaves it
 
@@ -74,16 +86,16 @@ def test_resume_leaves_one_child_per_job_and_deletes_the_superseded_attempt(
     assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-3000:]
     (again,) = _parents(client, exp_id)  # taken over, not a second parent
     assert again.info.run_id == pid
-    assert again.data.tags[trk.OWNER_PID_TAG] != str(first_owner)  # the new owner
+    assert again.data.tags[OWNER_PID_TAG] != str(first_owner)  # the new owner
     kids = _children(client, exp_id, pid)
-    assert sorted(trk.job_number(k) for k in kids) == [0, 1]  # one child per job
-    after = {trk.job_number(k): k for k in kids}
+    assert sorted(job_number(k) for k in kids) == [0, 1]  # one child per job
+    after = {job_number(k): k for k in kids}
     assert after[0].info.run_id == before[0].info.run_id  # skipped, not linked again
     rerun, old_id = after[1].info.run_id, before[1].info.run_id
     assert rerun != old_id
     old = client.get_run(old_id)  # deleted runs are still readable by id
     assert old.info.lifecycle_stage == "deleted"
-    assert old.data.tags[trk.SUPERSEDED_TAG] == rerun
+    assert old.data.tags[SUPERSEDED_TAG] == rerun
     client.restore_run(old_id)  # nothing is lost: MLflow's own restore brings it back
     assert client.get_run(old_id).info.lifecycle_stage == "active"
 
@@ -103,7 +115,7 @@ def test_resume_refuses_a_parent_whose_sweep_is_alive_and_takes_it_once_dead(
     client.update_run(pid, status="RUNNING")
     owner = subprocess.Popen(["sleep", "60"])  # stands in for the sweep still running
     try:
-        client.set_tag(pid, trk.OWNER_PID_TAG, str(owner.pid))
+        client.set_tag(pid, OWNER_PID_TAG, str(owner.pid))
         jobs = _results(tmp_path)
         p = run_cli(*args, "resume=true", timeout=300)
         assert p.returncode == 2, p.stdout[-3000:] + p.stderr[-3000:]
@@ -113,7 +125,7 @@ def test_resume_refuses_a_parent_whose_sweep_is_alive_and_takes_it_once_dead(
         assert _results(tmp_path) == jobs  # no job ran
         kept = client.get_run(pid)
         assert kept.info.status == "RUNNING"
-        assert kept.data.tags[trk.OWNER_PID_TAG] == str(owner.pid)
+        assert kept.data.tags[OWNER_PID_TAG] == str(owner.pid)
     finally:
         owner.kill()
         owner.wait()  # reaped: a zombie would still answer signal 0
@@ -122,7 +134,7 @@ def test_resume_refuses_a_parent_whose_sweep_is_alive_and_takes_it_once_dead(
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     (again,) = _parents(client, exp_id)
     assert again.info.run_id == pid and again.info.status == "FINISHED"
-    assert again.data.tags[trk.OWNER_PID_TAG] not in ("", str(owner.pid))
+    assert again.data.tags[OWNER_PID_TAG] not in ("", str(owner.pid))
     assert len(_children(client, exp_id, pid)) == 1
 
 
@@ -131,9 +143,9 @@ def _killed_parent(client: Any, exp_id: str, folder: Path, host: str | None,
     """A RUNNING sweep parent (key ``k``) for ``folder``, owned by ``host``/``pid`` (no owner
     tags when None: a sweep from before they existed), as another process left it."""
     folder.mkdir(exist_ok=True)
-    owner = {} if host is None else {trk.OWNER_HOST_TAG: host, trk.OWNER_PID_TAG: str(pid)}
-    parent = trk.open_parent(client, exp_id, folder, {"sweep_key": "k", **owner})
-    trk._OPENED_HERE.discard(parent)  # opened by that other process, not this one
+    owner = {} if host is None else {OWNER_HOST_TAG: host, OWNER_PID_TAG: str(pid)}
+    parent = open_parent(client, exp_id, folder, {"sweep_key": "k", **owner})
+    parent_run._OPENED_HERE.discard(parent)  # opened by that other process, not this one
     return parent
 
 
@@ -165,16 +177,16 @@ def test_resume_refuses_another_hosts_parent_unless_forced(tmp_path: Path) -> No
     client, exp_id, parent = _parent_with_owner(tmp_path, "elsewhere.example", 4242)
     new_dir = tmp_path / "new"
     new_dir.mkdir()
-    with pytest.raises(trk.SweepStillOwned) as e:
-        trk.take_over_parent(client, exp_id, new_dir, "k")
+    with pytest.raises(SweepStillOwned) as e:
+        take_over_parent(client, exp_id, new_dir, "k")
     msg = str(e.value)
     assert parent in msg and "4242" in msg and "elsewhere.example" in msg
     assert "tracking.force_takeover=true" in msg
     assert isinstance(e.value, ConfigError)  # run.py's exit 2 for refused input
-    assert not (new_dir / trk.PARENT_ID_FILE).exists()
-    assert trk.take_over_parent(client, exp_id, new_dir, "k", force=True) == parent
+    assert not (new_dir / PARENT_ID_FILE).exists()
+    assert take_over_parent(client, exp_id, new_dir, "k", force=True) == parent
     tags = client.get_run(parent).data.tags
-    assert (tags[trk.OWNER_HOST_TAG], tags[trk.OWNER_PID_TAG]) == \
+    assert (tags[OWNER_HOST_TAG], tags[OWNER_PID_TAG]) == \
         (socket.gethostname(), str(os.getpid()))
 
 
@@ -183,12 +195,12 @@ def test_resume_takes_over_a_parent_without_owner_tags(tmp_path: Path) -> None:
     client, exp_id, parent = _parent_with_owner(tmp_path, None, None)
     new_dir = tmp_path / "new"
     new_dir.mkdir()
-    assert trk.take_over_parent(client, exp_id, new_dir, "k") == parent
+    assert take_over_parent(client, exp_id, new_dir, "k") == parent
 
 
 def test_force_takeover_is_not_part_of_the_sweep_key() -> None:
     """``tracking.force_takeover=true`` added to a resume still finds the killed sweep."""
-    assert trk.sweep_key(["decoding=greedy,beam"]) == trk.sweep_key(
+    assert sweep_key(["decoding=greedy,beam"]) == sweep_key(
         ["resume=true", "tracking.force_takeover=true", "decoding=greedy,beam"])
 
 
@@ -201,10 +213,10 @@ def test_resume_into_the_killed_sweeps_folder_takes_its_parent_over(tmp_path: Pa
     mine = _killed_parent(client, exp_id, tmp_path / "a", here, _dead_pid())
     time.sleep(0.05)  # the other one is the newest by start time
     other = _killed_parent(client, exp_id, tmp_path / "b", here, _dead_pid())
-    assert trk.take_over_parent(client, exp_id, tmp_path / "a", "k") == mine
-    assert (tmp_path / "a" / trk.PARENT_ID_FILE).read_text() == mine
+    assert take_over_parent(client, exp_id, tmp_path / "a", "k") == mine
+    assert (tmp_path / "a" / PARENT_ID_FILE).read_text() == mine
     assert client.get_run(mine).info.status == "RUNNING"
-    assert client.get_run(mine).data.tags[trk.OWNER_PID_TAG] == str(os.getpid())
+    assert client.get_run(mine).data.tags[OWNER_PID_TAG] == str(os.getpid())
     assert client.get_run(other).info.status == "KILLED"
 
 
@@ -214,11 +226,11 @@ def test_resume_never_takes_over_a_parent_this_process_opened(tmp_path: Path) ->
     killed sweep's pid may be this process's again)."""
     client, exp_id = _sqlite_store(tmp_path)
     (tmp_path / "own").mkdir()
-    own = trk.open_parent(client, exp_id, tmp_path / "own", {"sweep_key": "k",
-                                                              **trk.owner_tags()})
+    own = open_parent(client, exp_id, tmp_path / "own", {"sweep_key": "k",
+                                                          **owner_tags()})
     (tmp_path / "next").mkdir()
-    assert trk.take_over_parent(client, exp_id, tmp_path / "next", "k") is None
-    assert not (tmp_path / "next" / trk.PARENT_ID_FILE).exists()
+    assert take_over_parent(client, exp_id, tmp_path / "next", "k") is None
+    assert not (tmp_path / "next" / PARENT_ID_FILE).exists()
     run = client.get_run(own)
     assert run.info.status == "RUNNING" and "resumed_sweep_dirs" not in run.data.tags
 
@@ -264,7 +276,7 @@ def test_resume_with_the_same_sweep_dir_continues_the_killed_sweeps_parent(
     (killed,) = _parents(client, exp_id)
     pid = killed.info.run_id
     assert killed.info.status == "RUNNING"  # as the kill left it
-    first = {trk.job_number(r): r.info.run_id for r in _children(client, exp_id, pid)}
+    first = {job_number(r): r.info.run_id for r in _children(client, exp_id, pid)}
     assert sorted(first) == [0, 1]
 
     p = run_cli(*args, "resume=true")
@@ -273,8 +285,8 @@ def test_resume_with_the_same_sweep_dir_continues_the_killed_sweeps_parent(
     parents = _parents(client, exp_id)
     assert [(r.info.run_id, r.info.status) for r in parents] == [(pid, "FINISHED")], \
         [(r.info.run_id, r.info.status, r.data.tags.get("sweep_dir")) for r in parents]
-    assert (sweep_dir / trk.PARENT_ID_FILE).read_text() == pid
-    kids = {trk.job_number(k): k for k in _children(client, exp_id, pid)}
+    assert (sweep_dir / PARENT_ID_FILE).read_text() == pid
+    kids = {job_number(k): k for k in _children(client, exp_id, pid)}
     assert sorted(kids) == [0, 1, 2, 3]
     assert {j: k.info.status for j, k in kids.items()} == dict.fromkeys(range(4), "FINISHED")
     assert {j: kids[j].info.run_id for j in (0, 1)} == first  # not linked again
@@ -284,3 +296,10 @@ def test_resume_with_the_same_sweep_dir_continues_the_killed_sweeps_parent(
     # the finished jobs' own files are kept, not replaced by SKIPPED stubs
     kept = json.loads((sweep_dir / "0" / "results.json").read_text())
     assert kept["status"] == "FINISHED" and kept["requests"], kept["status"]
+    # hf (sdpa) against its baseline hf_kv (eager) is a gate sweep: every metric its jobs,
+    # the gate and the parent logged is defined in the metric catalog (docs/metrics.md)
+    from pipeline.metrics.catalog import logged_metric_keys, uncovered
+
+    keys = logged_metric_keys(client, [k.info.run_id for k in kids.values()])
+    assert any(k.startswith("gate.job") for k in keys) and "jobs_total" in keys, sorted(keys)
+    assert uncovered(keys) == []

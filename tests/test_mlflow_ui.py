@@ -1,6 +1,6 @@
 """MLflow's own UI, as a user opens it after a sweep: a tiny real sweep, ``mlflow ui`` on
 its store, and headless Chromium loading the runs page filtered to the sweep's children
-(the URL the pipeline prints, :func:`pipeline.tracking.mlflow.runs_url`). The rendered DOM
+(the URL the pipeline prints, :func:`pipeline.tracking.links.runs_url`). The rendered DOM
 must list every child run by name."""
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.tracking.mlflow import compare_url, read_parent_id, runs_url
+from pipeline.tracking.links import compare_url, runs_url
+from pipeline.tracking.parent_run import read_parent_id
 from tests.conftest import CACHE_DIR, run_cli
 
 

@@ -12,11 +12,15 @@ import pytest
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.records import JobResult
-from pipeline.tracking import mlflow as trk
-from tests.conftest import CACHE_DIR, run_cli
-
-TINY = ("workload.num_prompts=2", "workload.max_new_tokens=4", "workload.warmup=0",
-        "scoring.perplexity=false")
+from pipeline.tracking.job_runs import log_job, run_name
+from pipeline.tracking.links import run_url, runs_url, ui_hint
+from pipeline.tracking.store import (
+    EXPERIMENT_KIND_TAG,
+    client_for,
+    default_store_uri,
+    tracking_uri,
+)
+from tests.conftest import CACHE_DIR, TINY, run_cli
 
 
 def _cfg(tmp_path: Path, uri: str | None) -> DictConfig:
@@ -39,9 +43,9 @@ def _result(**kw: Any) -> JobResult:
 
 def test_new_experiment_opens_on_the_runs_table(tmp_path: Path) -> None:
     """A new experiment carries mlflow.experimentKind=custom_model_development."""
-    client, exp_id = trk.client_for(_cfg(tmp_path, None))
+    client, exp_id = client_for(_cfg(tmp_path, None))
     tags = client.get_experiment(exp_id).tags
-    assert tags.get(trk.EXPERIMENT_KIND_TAG) == "custom_model_development"
+    assert tags.get(EXPERIMENT_KIND_TAG) == "custom_model_development"
 
 
 def test_existing_experiment_gets_the_kind_tag(tmp_path: Path) -> None:
@@ -50,8 +54,8 @@ def test_existing_experiment_gets_the_kind_tag(tmp_path: Path) -> None:
 
     uri = f"sqlite:///{tmp_path / 'old.db'}"
     MlflowClient(tracking_uri=uri).create_experiment("usability")
-    client, exp_id = trk.client_for(_cfg(tmp_path, uri))
-    assert client.get_experiment(exp_id).tags.get(trk.EXPERIMENT_KIND_TAG) == \
+    client, exp_id = client_for(_cfg(tmp_path, uri))
+    assert client.get_experiment(exp_id).tags.get(EXPERIMENT_KIND_TAG) == \
         "custom_model_development"
 
 
@@ -59,7 +63,7 @@ def test_custom_sqlite_store_keeps_artifacts_beside_the_db(tmp_path: Path) -> No
     """tracking.uri=sqlite:///<dir>/x.db puts artifacts in <dir>/artifacts, not ./mlruns."""
     db_dir = tmp_path / "store"
     db_dir.mkdir()
-    client, exp_id = trk.client_for(_cfg(tmp_path, f"sqlite:///{db_dir / 'x.db'}"))
+    client, exp_id = client_for(_cfg(tmp_path, f"sqlite:///{db_dir / 'x.db'}"))
     loc = client.get_experiment(exp_id).artifact_location
     assert loc == (db_dir / "artifacts").as_uri()
     assert "mlruns" not in loc
@@ -75,8 +79,8 @@ def test_run_name_tags_and_times_come_from_the_job(tmp_path: Path) -> None:
                      applied={"dtype": "bfloat16"}, started_at=t0, ended_at=t0 + 5000)
     job_dir = tmp_path / "job"
     job_dir.mkdir()
-    run_id = trk.log_job(cfg, result, job_dir, None, {"seed": 0})
-    client, _ = trk.client_for(cfg)
+    run_id = log_job(cfg, result, job_dir, None, {"seed": 0})
+    client, _ = client_for(cfg)
     run = client.get_run(run_id)
     assert run.info.run_name == "2-hf_kv-greedy-quick"
     assert run.data.tags["preset.backend"] == "hf_kv"
@@ -87,13 +91,13 @@ def test_run_name_tags_and_times_come_from_the_job(tmp_path: Path) -> None:
 
 def test_run_name_falls_back_to_config_names_without_choices() -> None:
     """results.json files from before ``choices`` existed still get a name."""
-    assert trk.run_name(_result()) == "2-hf-greedy-quick"
+    assert run_name(_result()) == "2-hf-greedy-quick"
 
 
 def test_ui_hint_links_the_sweeps_runs_and_compare_page() -> None:
     """The hint names the UI command, the runs table filtered to the parent's children
     and the compare page, in MLflow 3's hash-route format."""
-    hint = trk.ui_hint("sqlite:////x/mlflow.db", "7", "p1", ["b", "a"])
+    hint = ui_hint("sqlite:////x/mlflow.db", "7", "p1", ["b", "a"])
     assert "mlflow ui --backend-store-uri sqlite:////x/mlflow.db" in hint
     runs = next(line for line in hint.split() if "/runs?" in line)
     assert runs.startswith("http://127.0.0.1:5000/#/experiments/7/runs?searchFilter=")
@@ -104,7 +108,7 @@ def test_ui_hint_links_the_sweeps_runs_and_compare_page() -> None:
     comp = next(line for line in hint.split() if "compare-runs" in line)
     assert urllib.parse.unquote(comp) == \
         'http://127.0.0.1:5000/#/compare-runs?runs=["a","b"]&experiments=["7"]'
-    assert trk.ui_hint("http://srv:5000/", "7").endswith("http://srv:5000/#/experiments/7/runs")
+    assert ui_hint("http://srv:5000/", "7").endswith("http://srv:5000/#/experiments/7/runs")
 
 
 def test_plain_run_prints_the_url_of_its_run_page(tmp_path: Path,
@@ -113,22 +117,22 @@ def test_plain_run_prints_the_url_of_its_run_page(tmp_path: Path,
     real experiment and run ids, in the route MLflow 3.17's UI bundle defines."""
     import mlflow
 
-    from pipeline.experiment import _print_summary
+    from pipeline.job_results import print_summary
 
     cfg = _cfg(tmp_path, None)
     result = _result()
     result.job_num = None  # a plain run: no sweep, no job number
     job_dir = tmp_path / "job"
     job_dir.mkdir()
-    result.mlflow_run_id = trk.log_job(cfg, result, job_dir, None, {})
-    _print_summary(result, cfg)  # type: ignore[arg-type]  # reads tracking.* and paths.*
+    result.mlflow_run_id = log_job(cfg, result, job_dir, None, {})
+    print_summary(result, cfg)  # type: ignore[arg-type]  # reads tracking.* and paths.*
     out = capsys.readouterr().out
-    client, exp_id = trk.client_for(cfg)
+    client, exp_id = client_for(cfg)
     assert exp_id != "0"  # the job's experiment, not MLflow's Default
     assert client.get_run(result.mlflow_run_id).info.experiment_id == exp_id
     url = f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs/{result.mlflow_run_id}"
     assert url in out.split()
-    assert trk.run_url(trk.tracking_uri(cfg), exp_id, result.mlflow_run_id) == url
+    assert run_url(tracking_uri(cfg), exp_id, result.mlflow_run_id) == url
     assert "mlflow ui --backend-store-uri sqlite:///" in out
     # the hash route of the installed UI (its Routes.runPage), so a renamed route fails here
     bundle = Path(mlflow.__file__).parent / "server" / "js" / "build" / "static" / "js"
@@ -152,7 +156,7 @@ def test_sweep_job_run_is_named_by_preset_and_lasts_as_long_as_the_job(
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("infersweep")
-    assert exp.tags.get(trk.EXPERIMENT_KIND_TAG) == "custom_model_development"
+    assert exp.tags.get(EXPERIMENT_KIND_TAG) == "custom_model_development"
     assert exp.artifact_location == (db.parent / "artifacts").as_uri()
     runs = client.search_runs([exp.experiment_id])
     (child,) = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
@@ -168,7 +172,7 @@ def test_sweep_job_run_is_named_by_preset_and_lasts_as_long_as_the_job(
     assert saved["choices"]["backend"] == "hf_kv"
     assert saved["started_at"] == child.info.start_time
     assert saved["ended_at"] == child.info.end_time
-    assert trk.runs_url(uri, exp.experiment_id, parent.info.run_id) in p.stdout
+    assert runs_url(uri, exp.experiment_id, parent.info.run_id) in p.stdout
 
 
 @pytest.mark.slow
@@ -181,7 +185,7 @@ def test_resume_continues_the_killed_sweep_and_links_skipped_jobs(
     common = (f"paths.output_dir={tmp_path}", f"paths.cache_dir={CACHE_DIR}", *TINY)
     p = run_cli("-m", "decoding=greedy,topk", *common)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    client = MlflowClient(tracking_uri=trk.default_store_uri(tmp_path))
+    client = MlflowClient(tracking_uri=default_store_uri(tmp_path))
     exp_id = client.get_experiment_by_name("infersweep").experiment_id
 
     def parents() -> list[Any]:

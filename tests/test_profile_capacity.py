@@ -58,6 +58,16 @@ def test_slo_search_through_run_py_finds_the_stubs_analytic_rate(
     (res_file,) = list(tmp_path.glob("runs/*/results.json"))
     res = json.loads(res_file.read_text())
     assert res["status"] == "FINISHED", res.get("error")
+    # every metric the profile logged, its load.* point series included, is defined in the
+    # metric catalog (docs/metrics.md)
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.metrics.catalog import logged_metric_keys, uncovered
+    from pipeline.tracking.store import default_store_uri
+
+    keys = logged_metric_keys(MlflowClient(default_store_uri(tmp_path)),
+                              [(res_file.parent / "mlflow_run_id").read_text().strip()])
+    assert "load.achieved_rate" in keys and uncovered(keys) == [], sorted(keys)
     points, found = res["load_points"], res["metrics"]["max_rate_under_slo"]
     table = [(q["offered_rate"], q.get("offered_rate_realized"), q["achieved_rate"],
               q.get("slo_tpot_ms_p50"), q["saturated"], q["valid"]) for q in points]

@@ -23,10 +23,6 @@ from pipeline.metrics import performance
 from pipeline.records import RequestRecord
 from pipeline.workload.profiles import SaturationRule, SloSearch, sweep_rates
 from tests.stub_engine import capacity, stub_server
-from tests.test_serving import (
-    no_orphans,  # noqa: F401 - fixtures shared with that module
-    server,  # noqa: F401
-)
 
 A_S, B_S, T_TOKENS = 0.020, 0.010, 8
 CAPACITY = capacity(B_S, T_TOKENS)  # 12.5 req/s
@@ -111,7 +107,7 @@ def test_point_duration_stops_dispatch_at_the_deadline(stub: str, model_dir: str
 
 
 def test_prometheus_text_is_read_and_differenced() -> None:
-    from pipeline.serving.engine import EngineSampler, parse_prometheus
+    from pipeline.serving.engine_metrics import EngineSampler, parse_prometheus
 
     text = ('# HELP vllm:kv_cache_usage_perc KV-cache usage.\n'
             'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25\n'
@@ -292,10 +288,10 @@ def test_report_marks_the_knee_saturation_and_invalid_points() -> None:
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_sweep_on_a_real_vllm_server(server: Any) -> None:  # noqa: F811 - the fixture
+def test_sweep_on_a_real_vllm_server(server: Any) -> None:
     """Three points (sync, max, one rate) of 4 requests, 8 tokens, on the module's server
-    (tests/test_serving.py's fixture: one server, stopped and checked gone at the end)."""
-    from pipeline.backends.vllm.common import VLLMServerBackendConfig
+    (tests/conftest.py's fixture: one server, stopped and checked gone at the end)."""
+    from pipeline.backends.vllm.config import VLLMServerBackendConfig
     from pipeline.measure.timing import PhaseTimer
     from pipeline.serving.runner import run_profile
     from pipeline.workload import make_requests

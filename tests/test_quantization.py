@@ -5,21 +5,21 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.backends import hf_quantization as hq
 from pipeline.backends.hf import HFBackend
+from pipeline.backends.hf import quantization as hq
 from pipeline.config import validate
 from pipeline.errors import ConfigError
 from pipeline.measure.roofline import roofline_metrics
-from tests.test_config import _compose
+from tests.conftest import compose_config
 
 
 def _check(*overrides: str) -> None:
-    HFBackend.check(validate(_compose(*overrides)))
+    HFBackend.check(validate(compose_config(*overrides)))
 
 
 def test_unknown_method_is_refused() -> None:
     with pytest.raises(ConfigError, match="backend.quantization='int3'"):
-        validate(_compose("backend.quantization=int3"))
+        validate(compose_config("backend.quantization=int3"))
 
 
 def test_int4_without_a_cpu_kernel_is_refused() -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from pipeline import recommend as rc
+from pipeline.analysis import recommend as rc
 
 
 def _job(task: str, preset: str, scores: list[float], tpot: float = 50.0,

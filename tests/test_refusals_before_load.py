@@ -33,7 +33,7 @@ def _prepare(*overrides: str) -> PreparedRequests:
     from hydra import compose, initialize_config_dir
 
     from pipeline.config import register_configs
-    from pipeline.experiment import check_inputs
+    from pipeline.job_checks import check_inputs
     from pipeline.workload.prepare import prepare_requests
 
     register_configs()

@@ -7,53 +7,16 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
 from urllib.parse import unquote
 
 import numpy as np
 import pytest
 
 from pipeline.report import build, plots, render, tables
-from pipeline.report.collect import JobRun, SweepData, collect
-from tests.conftest import CACHE_DIR, run_cli
+from pipeline.report.collect import JobRun, collect
+from tests.conftest import CACHE_DIR, job_run, run_cli, sweep_data
 
 # ----------------------------------------------------------------- synthetic (fast)
-
-
-def _job(n: int, decoding: str, temp: str, tps: float, e2el: float, **extra: Any) -> JobRun:
-    metrics = {"output_tokens_per_s": tps, "e2el_ms_mean": e2el, "ttft_ms_mean": e2el / 4,
-               "tpot_ms_mean": e2el / 10, "peak_rss_bytes": 2**30 * (1 + n / 10),
-               "perplexity": 2.0 + n, "self_bleu": 0.1 * (3 - n), "distinct_2": 0.5 + n / 10,
-               "rep_2": 0.05 * n, **extra}
-    t0 = 100.0 + n
-    requests = [{"t_start": t0, "t_first_token": t0 + e2el / 4000 * (1 + i / 10),
-                 "t_end": t0 + e2el / 1000 * (1 + i / 10), "error": None} for i in range(3)]
-    return JobRun(
-        run_id=f"run{n}", name=f"{n}-hf-{decoding}-quick", job=n, status="FINISHED",
-        start_time=1000 + n,
-        tags={"decoding": decoding, "backend": "hf", "model": "m", "workload": "quick",
-              "hydra_overrides": f"decoding={decoding} workload.num_prompts=3",
-              "git_commit": "abc", "version.torch": "2.13.0", "hardware.cpu": "cpu"},
-        params={"decoding.name": decoding, "decoding.temperature": temp, "seed": "0",
-                "paths.output_dir": "/tmp/x"},
-        metrics=metrics,
-        results={"job_num": n, "requests": requests, "applied": {"dtype": "float32"},
-                 "provenance": {"date": f"2026-01-0{n + 1}T00:00:00+00:00",
-                                "hardware": {"cpu": "cpu", "cpu_count": 2}}},
-    )
-
-
-def _data(jobs: list[JobRun]) -> SweepData:
-    return SweepData(
-        tracking_uri="sqlite:////tmp/none.db", experiment_id="1", experiment_name="infersweep",
-        parent_id="parent", parent_name="sweep-x", parent_status="FINISHED",
-        parent_start_time=1_700_000_000_000,
-        parent_tags={"kind": "sweep", "sweep_dir": "/o/multirun/2026-01-01_00-00-00",
-                     "hydra_overrides": "decoding=greedy,topp workload.num_prompts=3",
-                     "command": "run.py -m decoding=greedy,topp workload.num_prompts=3",
-                     "git_commit": "abc-dirty"},
-        jobs=jobs,
-    )
 
 
 def test_pareto_front() -> None:
@@ -64,8 +27,8 @@ def test_pareto_front() -> None:
 
 
 def test_select_job_and_errors() -> None:
-    jobs = [_job(0, "greedy", "1.0", 10, 1000), _job(1, "topp", "1.0", 12, 900),
-            _job(2, "temperature", "0.7", 11, 950)]
+    jobs = [job_run(0, "greedy", "1.0", 10, 1000), job_run(1, "topp", "1.0", 12, 900),
+            job_run(2, "temperature", "0.7", 11, 950)]
     assert tables.select_job(jobs, None).run_id == "run0"
     assert tables.select_job(jobs, "decoding=topp").run_id == "run1"
     assert tables.select_job(jobs, "decoding.temperature=0.7").run_id == "run2"
@@ -78,11 +41,11 @@ def test_select_job_and_errors() -> None:
 
 
 def test_tables_from_synthetic_sweep() -> None:
-    jobs = [_job(0, "greedy", "1.0", 10.0, 1000.0),
-            _job(1, "temperature", "0.7", 20.0, 800.0,
-                 output_tokens_per_s_repeat_mean=19.5, output_tokens_per_s_ci95=1.25),
-            _job(2, "topp", "1.0", 15.0, 600.0)]
-    data = _data(jobs)
+    jobs = [job_run(0, "greedy", "1.0", 10.0, 1000.0),
+            job_run(1, "temperature", "0.7", 20.0, 800.0,
+                    output_tokens_per_s_repeat_mean=19.5, output_tokens_per_s_ci95=1.25),
+            job_run(2, "topp", "1.0", 15.0, 600.0)]
+    data = sweep_data(jobs)
     t = tables.build_tables(data, baseline="decoding=greedy")
     j = t["jobs"].frame.set_index("job")
     assert list(j.index) == [0, 1, 2]
@@ -117,20 +80,20 @@ def test_tables_from_synthetic_sweep() -> None:
 
 
 def test_top_level_swept_param_is_a_column() -> None:
-    jobs = [_job(0, "greedy", "1.0", 10.0, 1000.0), _job(1, "greedy", "1.0", 11.0, 900.0)]
+    jobs = [job_run(0, "greedy", "1.0", 10.0, 1000.0), job_run(1, "greedy", "1.0", 11.0, 900.0)]
     jobs[1].params["seed"] = "1"
     jobs[1].tags["hydra_overrides"] = "decoding=greedy workload.num_prompts=3 seed=1"
-    shown = tables.build_tables(_data(jobs))["jobs"].display()
+    shown = tables.build_tables(sweep_data(jobs))["jobs"].display()
     assert list(shown["seed"]) == ["0", "1"]
     assert "temperature" not in shown.columns  # the same in both jobs
 
 
 def test_failed_job_shows_dashes() -> None:
-    ok = _job(0, "greedy", "1.0", 10.0, 1000.0)
+    ok = job_run(0, "greedy", "1.0", 10.0, 1000.0)
     bad = JobRun(run_id="run1", name="1-hf-beam-quick", job=1, status="FAILED", start_time=2,
                  tags={"decoding": "beam", "hydra_overrides": "decoding=beam"},
                  params={"decoding.name": "beam"}, metrics={"time_load_s": 1.0})
-    data = _data([ok, bad])
+    data = sweep_data([ok, bad])
     t = tables.build_tables(data)
     md = render.render_markdown(data, render.build_sections(data, t))
     row = next(line for line in md.splitlines() if line.startswith("| 1 | FAILED"))
@@ -199,6 +162,10 @@ def test_report_tables_equal_mlflow_metrics(sweep: Path, built: Path) -> None:
             (1 - row["peak_rss_bytes"] / base["peak_rss_bytes"]) * 100)
     # per-request latencies come from results.json downloaded from the artifact store
     assert list(t["latency"].frame["requests"]) == [4] * len(DECODINGS)
+    # with repeats every metric of the jobs and the parent is defined in the metric catalog
+    from pipeline.metrics.catalog import logged_metric_keys, uncovered
+
+    assert uncovered(logged_metric_keys(client, list(jobs["run_id"]))) == []
 
     md = (built / "report.md").read_text()
     for _, row in jobs.iterrows():

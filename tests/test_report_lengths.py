@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from pipeline.metrics.catalog import MIB, missing
 from pipeline.report import build, lengths, plots, render, tables
-from pipeline.report.catalog import MIB, missing
 from pipeline.report.collect import JobRun, SweepData
 from pipeline.report.expectations import BY_NAME, EXPECTATIONS
 

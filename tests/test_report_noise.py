@@ -11,13 +11,13 @@ import pytest
 
 from pipeline.report import build, interactive, noise, render, tables
 from pipeline.report.collect import JobRun
-from tests.test_report import _data, _job
+from tests.conftest import job_run, sweep_data
 
 
 def _two_backends(**metrics1: float) -> list[JobRun]:
     """Greedy on hf and on vllm: same text, so diversity is equal within the threshold."""
-    a = _job(0, "greedy", "1.0", 10.0, 1000.0)
-    b = _job(1, "greedy", "1.0", 10.5, 980.0)
+    a = job_run(0, "greedy", "1.0", 10.0, 1000.0)
+    b = job_run(1, "greedy", "1.0", 10.5, 980.0)
     for j, backend in ((a, "hf"), (b, "vllm")):
         j.params["backend.name"] = backend
         j.tags["hydra_overrides"] = f"decoding=greedy backend={backend}"
@@ -29,7 +29,7 @@ def _two_backends(**metrics1: float) -> list[JobRun]:
 
 
 def test_equal_diversity_within_threshold_gets_no_ranking() -> None:
-    data = _data(_two_backends())
+    data = sweep_data(_two_backends())
     t = tables.build_tables(data)
     reads = list(t["tradeoffs"].frame["reading"])
     for words in ("least diverse", "most diverse", "most repetition", "least repetition",
@@ -41,7 +41,7 @@ def test_equal_diversity_within_threshold_gets_no_ranking() -> None:
 
 
 def test_difference_beyond_threshold_is_ranked() -> None:
-    data = _data(_two_backends(output_tokens_per_s=20.0, self_bleu=0.2))
+    data = sweep_data(_two_backends(output_tokens_per_s=20.0, self_bleu=0.2))
     reads = tables.build_tables(data)["tradeoffs"].frame.set_index("job")["reading"]
     assert "fastest" in reads[1] and "slowest" in reads[0]
     assert "least diverse" in reads[1] and "most diverse" in reads[0]
@@ -53,13 +53,13 @@ def test_repeat_ci_decides_when_jobs_have_repeats() -> None:
     wide = _two_backends(output_tokens_per_s=11.5, output_tokens_per_s_repeat_mean=11.5,
                          output_tokens_per_s_ci95=1.0)
     wide[0].metrics.update(output_tokens_per_s_repeat_mean=10.0, output_tokens_per_s_ci95=1.0)
-    reads = list(tables.build_tables(_data(wide))["tradeoffs"].frame["reading"])
+    reads = list(tables.build_tables(sweep_data(wide))["tradeoffs"].frame["reading"])
     assert not any("fastest" in r for r in reads)
     # 8% apart (under the fixed 10%) but the intervals are tight and apart: ranked
     tight = _two_backends(output_tokens_per_s=10.8, output_tokens_per_s_repeat_mean=10.8,
                           output_tokens_per_s_ci95=0.2)
     tight[0].metrics.update(output_tokens_per_s_repeat_mean=10.0, output_tokens_per_s_ci95=0.2)
-    data = _data(tight)
+    data = sweep_data(tight)
     t = tables.build_tables(data)
     assert "fastest" in t["tradeoffs"].frame.set_index("job").loc[1, "reading"]
     md = render.render_markdown(data, render.build_sections(data, t))
@@ -77,12 +77,12 @@ def test_noise_extremes_ties() -> None:
 
 
 def test_applied_table_shows_only_differing_settings() -> None:
-    jobs = [_job(0, "greedy", "1.0", 10.0, 1000.0), _job(1, "greedy", "1.0", 11.0, 900.0)]
+    jobs = [job_run(0, "greedy", "1.0", 10.0, 1000.0), job_run(1, "greedy", "1.0", 11.0, 900.0)]
     for j, attn in zip(jobs, ("eager", "sdpa"), strict=True):
         assert j.results is not None
         j.results["applied"] = {"device": "cpu", "dtype": "float32", "torch_threads": 2,
                                 "attn_implementation": attn}
-    data = _data(jobs)
+    data = sweep_data(jobs)
     t = tables.build_tables(data)
     assert list(t["applied"].frame.columns) == ["job", "attn_implementation"]
     md = render.render_markdown(data, render.build_sections(data, t))
@@ -91,24 +91,24 @@ def test_applied_table_shows_only_differing_settings() -> None:
 
 
 def test_jobs_table_shows_roofline_and_startup_costs() -> None:
-    jobs = [_job(0, "greedy", "1.0", 10.0, 1000.0, roofline_share=0.25, compile_s=84.0),
-            _job(1, "topp", "1.0", 11.0, 900.0, engine_start_s=31.5)]
-    shown = tables.build_tables(_data(jobs))["jobs"].display()
+    jobs = [job_run(0, "greedy", "1.0", 10.0, 1000.0, roofline_share=0.25, compile_s=84.0),
+            job_run(1, "topp", "1.0", 11.0, 900.0, engine_start_s=31.5)]
+    shown = tables.build_tables(sweep_data(jobs))["jobs"].display()
     assert list(shown["roofline share"]) == ["0.25", "-"]
     assert list(shown["compile s"]) == ["84.0", "-"]
     assert list(shown["engine start s"]) == ["-", "31.5"]
-    plain = tables.build_tables(_data([_job(0, "greedy", "1.0", 10.0, 1000.0)]))["jobs"]
+    plain = tables.build_tables(sweep_data([job_run(0, "greedy", "1.0", 10.0, 1000.0)]))["jobs"]
     assert not {"roofline share", "compile s", "engine start s"} & set(plain.display().columns)
 
 
 def _sweep(param_sets: list[dict[str, str]], tps: list[float]) -> Any:
     jobs = []
     for n, (params, v) in enumerate(zip(param_sets, tps, strict=True)):
-        j = _job(n, "greedy", "1.0", v, 1000.0)
+        j = job_run(n, "greedy", "1.0", v, 1000.0)
         j.params.update(params)
         j.tags["hydra_overrides"] = " ".join(f"{k}={x}" for k, x in params.items())
         jobs.append(j)
-    return _data(jobs)
+    return sweep_data(jobs)
 
 
 def _expected(data: Any) -> list[dict[str, Any]]:
@@ -140,8 +140,8 @@ def test_seed_expectations_beside_measured_ratios() -> None:
     assert by[2]["verdict"] == "above the expected range"
 
     # a decoding sweep: no expectation speaks about it
-    assert _expected(_data([_job(0, "greedy", "1.0", 10, 900), _job(1, "topp", "1.0", 12, 800)
-                            ])) == []
+    assert _expected(sweep_data([job_run(0, "greedy", "1.0", 10, 900),
+                                 job_run(1, "topp", "1.0", 12, 800)])) == []
 
 
 def test_phase3_ladder_pairs_each_step_with_its_reference() -> None:
@@ -157,7 +157,8 @@ def test_phase3_ladder_pairs_each_step_with_its_reference() -> None:
 
 
 def _report(tmp_path: Any, interactive_html: bool) -> str:
-    data = _data([_job(0, "greedy", "1.0", 10.0, 1000.0), _job(1, "topp", "1.0", 20.0, 800.0)])
+    data = sweep_data([job_run(0, "greedy", "1.0", 10.0, 1000.0),
+                       job_run(1, "topp", "1.0", 20.0, 800.0)])
     rep = build.write_report(data, tmp_path, interactive=interactive_html)
     assert rep.images and all(p.read_bytes().startswith(b"\x89PNG") for p in rep.images.values())
     return rep.html.read_text()

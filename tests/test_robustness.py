@@ -188,6 +188,10 @@ def test_unreachable_tracking_keeps_results_and_sync_logs_them_later(tmp_path: P
     assert run.info.status == "FINISHED"
     assert run.data.metrics["output_tokens_per_s"] == pytest.approx(
         r["metrics"]["output_tokens_per_s"])
+    # every metric a real plain job logs is defined in the metric catalog (docs/metrics.md)
+    from pipeline.metrics.catalog import logged_metric_keys, uncovered
+
+    assert uncovered(logged_metric_keys(client, [run.info.run_id])) == []
     # a second sync logs nothing twice
     s2 = subprocess.run([sys.executable, "-m", "pipeline.tracking.sync", str(job), "--tracking-uri",
                          store], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -15,7 +15,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +22,17 @@ import psutil
 import pytest
 
 from pipeline.backends.openai import OpenAIBackendConfig, openai_body
-from pipeline.backends.vllm.common import VLLMServerBackendConfig
 from pipeline.config import DecodingConfig, ModelConfig
 from pipeline.errors import ConfigError, UnsupportedDecoding
 from pipeline.metrics import performance
 from pipeline.records import Request
-from pipeline.serving_client import StreamRequest, run_requests
-from tests.conftest import CACHE_DIR, run_cli
+from pipeline.serving.client import StreamRequest, run_requests
+from tests.conftest import (
+    CACHE_DIR,
+    run_cli,
+    vllm_server_cfg,
+    vllm_server_procs,
+)
 
 # ----------------------------------------------------------------------- openai_body (fast)
 
@@ -227,7 +230,7 @@ def test_client_turns_failures_into_error_records(mode: str, timeout: float, mat
 
 
 def test_client_reports_a_closed_port_as_errors() -> None:
-    from pipeline.backends.vllm.server import free_port
+    from pipeline.backends.vllm.server_process import free_port
 
     url = f"http://127.0.0.1:{free_port()}/v1"
     recs = run_requests(_reqs(url, "ok", 2), [0.0, 0.0], 1, 5.0)
@@ -262,7 +265,7 @@ def test_openai_backend_sends_the_key_from_the_env_and_never_stores_it(
 
 def test_openai_backend_fails_clearly_on_an_unreachable_url(model_dir: str) -> None:
     from pipeline.backends.openai import OpenAIBackend
-    from pipeline.backends.vllm.server import free_port
+    from pipeline.backends.vllm.server_process import free_port
 
     cfg = OpenAIBackendConfig(base_url=f"http://127.0.0.1:{free_port()}/v1",
                               connect_timeout_s=3.0)
@@ -309,7 +312,7 @@ http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
 
 
 def _fake_server(tmp: Path, healthy_after: float) -> Any:
-    from pipeline.backends.vllm.server import VLLMServer, free_port
+    from pipeline.backends.vllm.server_process import VLLMServer, free_port
 
     script = tmp / "fake_server.py"
     script.write_text(FAKE_SERVER)
@@ -386,77 +389,6 @@ def test_a_killed_pipeline_takes_its_server_down(tmp_path: Path, sig: int) -> No
 
 
 # ----------------------------------------------------------------------- real vLLM server
-
-_STARTED: list[int] = []  # PIDs of every vLLM server this module started
-
-
-def _server_procs_of(pids: list[int], mine: bool = False) -> list[psutil.Process]:
-    """Live vLLM server processes among ``pids``, their descendants and, with ``mine``,
-    all descendants of this process."""
-    out = []
-    cands = list(psutil.Process().children(recursive=True)) if mine else []
-    for pid in pids:
-        try:
-            cands += [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-        except psutil.Error:
-            continue
-    for p in cands:
-        try:
-            if p.status() == psutil.STATUS_ZOMBIE:
-                continue
-            cmd = " ".join(p.cmdline())
-            if "vllm.entrypoints.openai.api_server" in cmd or p.name().startswith("VLLM"):
-                out.append(p)
-        except psutil.Error:
-            continue
-    return out
-
-
-@pytest.fixture(scope="module")
-def no_orphans() -> Iterator[None]:
-    """Record every server start; after the module, stop them and prove none survives."""
-    from pipeline.backends.vllm import server as vs
-
-    original = vs.VLLMServer.start
-
-    def recording_start(self: Any, timeout_s: float) -> None:
-        try:
-            original(self, timeout_s)
-        finally:
-            if self.proc is not None:
-                _STARTED.append(self.proc.pid)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(vs.VLLMServer, "start", recording_start)
-        yield
-    vs.VLLMServerBackend.shutdown_cached()
-    deadline = time.monotonic() + 20
-    while _server_procs_of(_STARTED, mine=True) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    left = _server_procs_of(_STARTED, mine=True)
-    assert not left, [(p.pid, p.name()) for p in left]
-
-
-def _server_cfg(tmp: Path, **kw: Any) -> VLLMServerBackendConfig:
-    base: dict[str, Any] = dict(max_model_len=512, max_num_seqs=8, log_dir=str(tmp),
-                                cache_root=str(CACHE_DIR / "vllm"), startup_timeout_s=600.0)
-    return VLLMServerBackendConfig(**{**base, **kw})
-
-
-@pytest.fixture(scope="module")
-def server(no_orphans: None, model_dir: str, tmp_path_factory: pytest.TempPathFactory
-           ) -> Iterator[Any]:
-    """One vLLM server for the module, loaded through backend=vllm_server."""
-    pytest.importorskip("vllm")
-    from pipeline.backends.vllm.server import VLLMServerBackend
-
-    b = VLLMServerBackend(model_dir, ModelConfig(),
-                          _server_cfg(tmp_path_factory.mktemp("srv")), seed=0)
-    b.load()
-    yield b
-    b.close()
-    VLLMServerBackend.shutdown_cached()
-
 
 @pytest.fixture(scope="module")
 def requests_(server: Any) -> list[Request]:
@@ -536,19 +468,19 @@ def test_request_timeouts_are_counted_and_fail_the_phase(server: Any,
 
 @pytest.mark.slow
 def test_bad_model_path_fails_within_the_timeout_and_leaves_nothing(
-    no_orphans: None, tmp_path: Path
+    no_orphans: list[int], tmp_path: Path
 ) -> None:
     pytest.importorskip("vllm")
     from pipeline.backends.vllm import server as vs
 
     empty = tmp_path / "not_a_model"
     empty.mkdir()
-    b = vs.VLLMServerBackend(str(empty), ModelConfig(), _server_cfg(tmp_path), seed=0)
-    before = set(_STARTED)
+    b = vs.VLLMServerBackend(str(empty), ModelConfig(), vllm_server_cfg(tmp_path), seed=0)
+    before = set(no_orphans)
     with pytest.raises(RuntimeError, match="exited with code .* before it became healthy"):
         b.load()
-    new = [pid for pid in _STARTED if pid not in before]
-    assert new and not _server_procs_of(new)
+    new = [pid for pid in no_orphans if pid not in before]
+    assert new and not vllm_server_procs(new)
     assert b.server is None and not [s for s in vs.running_servers() if s.pid in new]
 
 
@@ -573,12 +505,12 @@ def test_run_py_vllm_server_job_end_to_end(no_orphans: None, tmp_path: Path) -> 
     assert 1 <= m["peak_concurrency"] <= 4 and m["goodput_fraction"] == 1.0
     assert (res_file.parent / "server.log").stat().st_size > 0
     pid = res["applied"]["server_pid"]
-    assert not _server_procs_of([pid]), "the job's server outlived run.py"
+    assert not vllm_server_procs([pid]), "the job's server outlived run.py"
 
 
 @pytest.mark.slow
 def test_run_py_unreachable_endpoint_fails_the_job(tmp_path: Path) -> None:
-    from pipeline.backends.vllm.server import free_port
+    from pipeline.backends.vllm.server_process import free_port
 
     url = f"http://127.0.0.1:{free_port()}/v1"
     p = run_cli("backend=openai", f"backend.base_url={url}", "backend.connect_timeout_s=3",

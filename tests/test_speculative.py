@@ -8,18 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.backends import hf_speculative as hs
 from pipeline.backends.hf import HFBackend
+from pipeline.backends.hf import speculative as hs
 from pipeline.backends.vllm.engine import VLLMBackend
 from pipeline.config import validate
 from pipeline.errors import ConfigError, UnsupportedDecoding
-from tests.test_config import _compose
+from tests.conftest import compose_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _spec(*overrides: str):
-    return validate(_compose(*overrides))
+    return validate(compose_config(*overrides))
 
 
 def _check(*overrides: str) -> None:
@@ -76,7 +76,7 @@ def test_vllm_speculative_options_it_lacks_are_refused() -> None:
 
 
 def test_vllm_speculative_config_is_built_from_the_keys() -> None:
-    from pipeline.backends.vllm.common import speculative_config
+    from pipeline.backends.vllm.speculative import speculative_config
 
     b = _spec("backend=vllm", "backend.speculative_method=ngram",
               "backend.num_speculative_tokens=5", "backend.prompt_lookup_max=4").backend
@@ -149,7 +149,7 @@ def test_speculative_greedy_is_token_exact(model_dir: str, tmp_path: Path) -> No
 
 
 def test_vllm_acceptance_from_counter_deltas() -> None:
-    from pipeline.backends.vllm.engine import _spec_metrics
+    from pipeline.backends.vllm.speculative import spec_metrics as _spec_metrics
 
     keys = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
             "vllm:spec_decode_num_accepted_tokens")

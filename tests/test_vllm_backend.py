@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pipeline.backends.vllm.common import VLLMBackendConfig
+from pipeline.backends.vllm.config import VLLMBackendConfig
 from pipeline.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -148,7 +148,7 @@ def test_requests_with_their_own_output_length(backend, requests) -> None:
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_kv_cache_capacity_and_applied_settings(backend) -> None:
-    from pipeline.backends.vllm.common import threads_bind
+    from pipeline.backends.vllm.environment import threads_bind
 
     m = backend.extra_metrics()
     assert m["kv_cache_tokens"] > 0 and m["kv_cache_blocks"] > 0
@@ -163,7 +163,8 @@ def test_kv_cache_capacity_and_applied_settings(backend) -> None:
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_same_settings_reuse_one_engine(backend, vllm_model_dir: str) -> None:
-    from pipeline.backends.vllm.engine import ENGINES, VLLMBackend
+    from pipeline.backends.vllm.engine import VLLMBackend
+    from pipeline.backends.vllm.engine_process import ENGINES
     from pipeline.measure.memory import tree_rss
 
     first = backend.extra_metrics()
@@ -277,7 +278,7 @@ def _rec(index: int, ids: list[int], error: str | None = None) -> dict:
 
 
 def test_token_parity_on_hand_made_records() -> None:
-    from pipeline.parity import first_divergence, token_parity
+    from pipeline.analysis.parity import first_divergence, token_parity
 
     a = [_rec(0, [1, 2, 3]), _rec(1, [4, 5, 6]), _rec(2, [7, 8]), _rec(3, [9])]
     b = [_rec(1, [4, 0, 6]), _rec(0, [1, 2, 3]), _rec(2, [7, 8, 2]), _rec(3, [], "boom")]
@@ -299,7 +300,7 @@ def test_token_parity_on_hand_made_records() -> None:
 
 
 def test_sweep_parity_pairs_only_jobs_differing_in_backend(tmp_path: Path) -> None:
-    from pipeline.parity import sweep_parity
+    from pipeline.analysis.parity import sweep_parity
 
     def job(num: int, backend: str, batch: int, ids: list[int], status: str = "FINISHED"
             ) -> None:
@@ -331,7 +332,7 @@ def test_sweep_parity_pairs_only_jobs_differing_in_backend(tmp_path: Path) -> No
 
 
 def test_threads_bind_all_lists_usable_cores() -> None:
-    from pipeline.backends.vllm.common import cpu_list, threads_bind
+    from pipeline.backends.vllm.environment import cpu_list, threads_bind
 
     assert cpu_list([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
     assert threads_bind("auto", 1) == "auto" and threads_bind("0,1", 1) == "0,1"
@@ -353,7 +354,7 @@ def test_vllm_refuses_beam_sampling_instead_of_dropping_do_sample() -> None:
 
 def test_engine_env_applies_only_while_the_engine_starts(monkeypatch: pytest.MonkeyPatch,
                                                          tmp_path: Path) -> None:
-    from pipeline.backends.vllm.common import engine_env, scoped_env
+    from pipeline.backends.vllm.environment import engine_env, scoped_env
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "7")
     monkeypatch.delenv("VLLM_CACHE_ROOT", raising=False)
@@ -369,7 +370,7 @@ def test_engine_env_applies_only_while_the_engine_starts(monkeypatch: pytest.Mon
 def test_engine_cache_keeps_one_idle_engine_and_stops_all() -> None:
     from dataclasses import dataclass
 
-    from pipeline.backends.vllm.common import EngineCache, Shared
+    from pipeline.backends.vllm.engine_cache import EngineCache, Shared
 
     stopped: list[tuple] = []
 
@@ -398,7 +399,7 @@ def test_engine_cache_keeps_one_idle_engine_and_stops_all() -> None:
 
 def test_per_request_lengths_and_context_check() -> None:
     """The one per-request context check (workload/limits.py), as the engines call it."""
-    from pipeline.backends.vllm.common import output_lengths
+    from pipeline.backends.vllm.engine_generation import output_lengths
     from pipeline.errors import ConfigError
     from pipeline.records import Request
     from pipeline.workload.limits import check_requests_fit
@@ -416,7 +417,7 @@ def test_per_request_lengths_and_context_check() -> None:
 def test_vllm_settings_validate_and_compose_from_the_yamls() -> None:
     from hydra import compose, initialize_config_dir
 
-    from pipeline.backends.vllm.common import VLLMServerBackendConfig
+    from pipeline.backends.vllm.config import VLLMServerBackendConfig
     from pipeline.backends.vllm.engine import VLLMBackend
     from pipeline.backends.vllm.server import VLLMServerBackend
     from pipeline.config import (
@@ -456,8 +457,10 @@ def test_vllm_quantization_is_checked_before_anything_loads(tmp_path: Path) -> N
     """backend.quantization on both vLLM backends: refused in one line (key, value, what
     the platform allows) without importing vLLM or torch, and handed to the engine and the
     server command line when set."""
-    from pipeline.backends.vllm.common import VLLMServerBackendConfig, engine_env, engine_key
+    from pipeline.backends.vllm.config import VLLMServerBackendConfig
     from pipeline.backends.vllm.engine import VLLMBackend
+    from pipeline.backends.vllm.engine_cache import engine_key
+    from pipeline.backends.vllm.environment import engine_env
     from pipeline.backends.vllm.quantization import QUANTIZATIONS
     from pipeline.backends.vllm.server import VLLMServerBackend
     from pipeline.errors import ConfigError

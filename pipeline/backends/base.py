@@ -41,7 +41,12 @@ class BackendConfig:
     """
 
     name: str = MISSING
+    """The backend's short name (``hf``, ``vllm``, ``openai``...), set by its yaml in
+    ``conf/backend/``: the ``backend`` tag of each job's MLflow run and the name error
+    messages use. Required."""
     impl: str = MISSING
+    """``module:Class`` of the :class:`Backend` subclass that runs these settings, set by
+    the yaml; the class is imported only when a config uses it. Required."""
 
 
 #: what a field is to the gate (pipeline/gate.py), see :class:`Setting`

@@ -1,5 +1,5 @@
 """OpenAI-compatible servers (vLLM, TGI's Messages API, SGLang, a remote endpoint...),
-benchmarked under concurrent streaming load by :mod:`pipeline.serving_client`.
+benchmarked under concurrent streaming load by :mod:`pipeline.serving.client`.
 
 The backend is *online*: it receives every request of the measured phase at once through
 :meth:`OpenAIBackend.serve` and sends each on the workload's arrival schedule. The API key
@@ -19,7 +19,8 @@ from pipeline.backends.base import BOOKKEEPING, Backend, BackendConfig, Setting,
 from pipeline.config import DecodingConfig, ModelConfig, check_choice, check_range, fail
 from pipeline.errors import ConfigError, UnsupportedDecoding
 from pipeline.records import Request, RequestRecord
-from pipeline.serving_client import StreamRequest, http_get_json, run_requests
+from pipeline.serving.client import StreamRequest, run_requests
+from pipeline.serving.http_json import http_get_json
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -41,15 +42,36 @@ class OpenAIBackendConfig(BackendConfig):
     is never part of the config, so it never reaches params, tags or logs."""
 
     name: str = "openai"
+    """The backend's name in configs, tags and messages."""
     impl: str = "pipeline.backends.openai:OpenAIBackend"
+    """The Backend class that runs these settings (``module:Class``)."""
     base_url: str = "http://127.0.0.1:8000/v1"
+    """The server's OpenAI API root (``http://`` or ``https://``, ending in ``/v1``);
+    requests go to ``{base_url}/completions`` or ``{base_url}/chat/completions``."""
     model: str | None = None
+    """The served model name sent in each request; null means the first model the server
+    lists at ``GET {base_url}/models``. A name the server does not list is refused at
+    load."""
     api: str = "completions"
+    """completions | chat. chat sends the prompt as one user message and the server renders
+    its chat template (TGI's Messages API needs chat)."""
     api_key_env: str | None = None
+    """The NAME of an environment variable holding the API key (never the key itself); it
+    is read at request time and sent only in the ``Authorization`` header. null: no key."""
     stream: bool = True
+    """Streaming responses; only true is accepted (TTFT and inter-token latency need
+    it)."""
     vllm_extensions: bool = False
+    """The server accepts vLLM's extra request fields (vLLM, SGLang): ``top_k``,
+    ``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``return_token_ids`` and
+    token-id prompts. Without them those decoding options and ``workload.fixed_length``
+    are refused rather than dropped."""
     prompt_format: str = "auto"
+    """How a completions prompt is sent: token_ids (the same tokens every other backend
+    gets) | text (the rendered prompt, special tokens kept) | auto (token_ids with
+    ``vllm_extensions``, else text). The chat API always sends messages."""
     connect_timeout_s: float = 10.0
+    """Seconds (> 0) the ``GET {base_url}/models`` check at load waits for the server."""
 
 
 #: what each field is to the gate: the endpoint, its model and how prompts and sampling
@@ -129,9 +151,7 @@ def openai_body(
 
 
 def _refuse(backend: str, key: str, value: Any, instead: str) -> None:
-    raise UnsupportedDecoding(
-        f"backend {backend}: decoding.{key}={value!r} is not supported; {instead}"
-    )
+    raise UnsupportedDecoding.option(backend, key, value, instead)
 
 
 class ServingFailed(RuntimeError):

@@ -9,7 +9,7 @@ A metric named ``NAME`` is logged as ``ref_NAME`` (its folder name for a path, w
 characters outside ``[A-Za-z0-9_]`` made ``_``): the module's own corpus score (the value
 under its name, else its only number). Where a module returns per-prediction ``scores``
 (the shipped ones do), each record keeps them in ``extra["ref_scores"]`` so that
-``pipeline.recommend`` can bootstrap confidence intervals over requests.
+``pipeline.analysis.recommend`` can bootstrap confidence intervals over requests.
 
 ``evaluate`` is imported only when a metric is loaded (its import takes seconds).
 """

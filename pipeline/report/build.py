@@ -80,11 +80,13 @@ def log_report(client: Any, data: SweepData, report: Report) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m pipeline.report", description=(
-        "Build a sweep report (markdown + self-contained HTML + PNG plots) from MLflow."))
+        "Build a sweep report (markdown + self-contained HTML + PNG plots) from MLflow; a "
+        "plain run.py job is reported as a sweep of one."))
     which = ap.add_mutually_exclusive_group()
     which.add_argument("--sweep-dir", type=Path, help="a multirun folder (outputs/multirun/<time>)")
-    which.add_argument("--run-id", help="the sweep's parent run id")
-    which.add_argument("--experiment", help="the latest sweep of this MLflow experiment")
+    which.add_argument("--run-id", help="the sweep's parent run id (or a plain job's run id)")
+    which.add_argument("--experiment", help="the latest sweep (or plain run.py job) of this "
+                                            "MLflow experiment")
     ap.add_argument("--tracking-uri", help="MLflow store (default: the sweep folder's store, "
                                            "else outputs/mlflow/mlflow.db)")
     ap.add_argument("--output-dir", type=Path,

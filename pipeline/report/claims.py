@@ -1,4 +1,4 @@
-"""The seed's expected ratios beside the measured ones, for the "Against the baseline"
+"""The course's claimed ratios beside the measured ones, for the "Against the baseline"
 section (``expected`` table).
 
 For each optimization in :mod:`pipeline.report.expectations` whose param varies across the
@@ -6,7 +6,7 @@ sweep (``backend.use_cache`` for ``+experiment=kv_cache``, ``backend.attn_implem
 for ``attention``, ``workload.batch_size`` for ``batching``, the backend ladder of
 ``phase3_full``), each finished job with the optimization on is paired with the job
 without it that agrees on every other param, and their throughput ratio is shown next to
-the seed's figure, with a verdict that respects the noise rule (:mod:`pipeline.report.noise`).
+the course's claim, with a verdict that respects the noise rule (:mod:`pipeline.report.noise`).
 No pair, no row: a sweep these expectations do not speak about gets an empty table.
 """
 
@@ -46,7 +46,7 @@ def _int(v: Any) -> int | None:
 def verdict(e: Expectation, this: noise.Figure | None, ref: noise.Figure | None,
             ratio: float | None) -> str:
     """``within noise`` when the two figures do not differ by more than the noise, else
-    where the measured ratio falls against the seed's range (below / within / above)."""
+    where the measured ratio falls against the course's claimed range (below / within / above)."""
     if this is None or ref is None or ratio is None:
         return "-"
     if not noise.distinct(METRIC, this, ref):
@@ -60,7 +60,7 @@ def verdict(e: Expectation, this: noise.Figure | None, ref: noise.Figure | None,
 
 def expected_table(s: Sweep) -> Table:
     """One row per (optimization, job with it on, its reference job): measured throughput
-    × (this / reference output tok/s), the seed's expected figure and a verdict."""
+    × (this / reference output tok/s), the course's claim and a verdict."""
     done = [j for j in s.jobs if j.status == "FINISHED"]
     rows = []
     for e in EXPECTATIONS:
@@ -80,12 +80,12 @@ def expected_table(s: Sweep) -> Table:
                 "optimization": e.name, "job": j.job, "ref_job": ref.job,
                 "change": f"{e.param}: {ref.params.get(e.param)} → {j.params[e.param]}",
                 "throughput_x": ratio,
-                "expected": e.expected if holds else f"(the seed's figure, {e.expected}, "
+                "expected": e.expected if holds else f"(the course's claim, {e.expected}, "
                                                      "does not speak about this length)",
                 "verdict": verdict(e, this, base, ratio) if holds else "-",
             })
     cols = [plain("optimization"), plain("change"),
             Column("job (against)", lambda r: f"{r['job']} (against {r['ref_job']})"),
             number("throughput_x", "measured tok/s × (this / ref)", ".2f"),
-            plain("expected", "expected (seed)"), plain("verdict")]
+            plain("expected", "course's claim"), plain("verdict")]
     return Table(pd.DataFrame(rows), cols)

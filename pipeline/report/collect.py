@@ -1,7 +1,8 @@
 """Locate a sweep in MLflow and read everything the report is built from.
 
-Nothing is read from the job folders, so a report rebuilt after they are deleted has the
-same tables.
+A plain ``python run.py`` job (no ``-m``) is a sweep of one: its run stands for the parent
+run and is the one job. Nothing is read from the job folders, so a report rebuilt after
+they are deleted has the same tables.
 """
 
 from __future__ import annotations
@@ -14,7 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.tracking.mlflow import read_parent_id
+from pipeline.tracking.parent_run import read_parent_id
+
+#: a plain run.py job's run: no parent run, no job number (those are a sweep's jobs, an
+#: orphan's included), not a sweep's parent
+PLAIN_JOB_FILTER = ("tags.mlflow.parentRunId IS NULL and tags.job_num IS NULL "
+                    "and tags.kind IS NULL")
 
 
 class ReportError(RuntimeError):
@@ -50,12 +56,18 @@ class SweepData:
     parent_tags: dict[str, str]
     jobs: list[JobRun] = field(default_factory=list)
     parent_metrics: dict[str, float] = field(default_factory=dict)
+    #: a plain run.py job, reported as a sweep of one: its run is the parent and the job
+    plain_job: bool = False
 
     @property
     def sweep_name(self) -> str:
-        """The sweep folder's name (its timestamp), else the parent run's name."""
+        """The sweep folder's name (its timestamp), else the parent run's name (a plain
+        job's followed by the start of its run id: plain jobs of the same presets share a
+        name)."""
         d = self.parent_tags.get("sweep_dir")
-        return Path(d).name if d else self.parent_name
+        if d:
+            return Path(d).name
+        return f"{self.parent_name}-{self.parent_id[:8]}" if self.plain_job else self.parent_name
 
 
 def open_client(uri: str) -> Any:
@@ -74,7 +86,8 @@ def open_client(uri: str) -> Any:
 def find_parent(client: Any, *, run_id: str | None = None, sweep_dir: Path | None = None,
                 experiment: str | None = None) -> str:
     """The sweep's parent run id: given, read from the sweep folder (its id file or the
-    parent's ``sweep_dir`` tag), or the latest ``kind=sweep`` run (of ``experiment``)."""
+    parent's ``sweep_dir`` tag), or the latest of the ``kind=sweep`` runs and plain run.py
+    jobs (of ``experiment``): a plain job is a sweep of one, its own run the parent."""
     if run_id:
         return str(client.get_run(run_id).info.run_id)
     if experiment:
@@ -92,9 +105,16 @@ def find_parent(client: Any, *, run_id: str | None = None, sweep_dir: Path | Non
         filt += f" and tags.sweep_dir = '{sweep_dir.resolve()}'"
     runs = client.search_runs(exp_ids, filter_string=filt,
                               order_by=["attributes.start_time DESC"], max_results=1)
+    if sweep_dir is None:  # the latest sweep, or a plain job after it
+        runs += client.search_runs(exp_ids, filter_string=PLAIN_JOB_FILTER,
+                                   order_by=["attributes.start_time DESC"], max_results=1)
+        runs.sort(key=lambda r: r.info.start_time or 0, reverse=True)
     if not runs:
-        where = f" for {sweep_dir}" if sweep_dir else ""
-        raise ReportError(f"no sweep parent run (tag kind=sweep){where} in this store")
+        if sweep_dir:
+            raise ReportError(f"no sweep parent run (tag kind=sweep) for {sweep_dir} in this "
+                              "store")
+        raise ReportError("no sweep parent run (tag kind=sweep) and no plain run.py job in "
+                          "this store")
     return str(runs[0].info.run_id)
 
 
@@ -128,12 +148,17 @@ def _job_number(name: str, results: dict[str, Any] | None) -> int | None:
 
 def collect(client: Any, parent_id: str, tracking_uri: str | None = None) -> SweepData:
     """Read a sweep from MLflow: the parent run, its child runs (one per job) and each
-    child's ``results.json`` from the artifact store."""
+    child's ``results.json`` from the artifact store. A plain run.py job's run (no
+    children, not a sweep's parent) is a sweep of one: the parent and its only job."""
     # one progress bar per downloaded file would drown the command's own output
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     parent = client.get_run(parent_id)
     exp = client.get_experiment(parent.info.experiment_id)
     children = _all_runs(client, exp.experiment_id, f"tags.mlflow.parentRunId = '{parent_id}'")
+    plain_job = (not children and parent.data.tags.get("kind") != "sweep"
+                 and "mlflow.parentRunId" not in parent.data.tags)
+    if plain_job:
+        children = [parent]
     jobs: list[JobRun] = []
     with tempfile.TemporaryDirectory(prefix="infersweep-report-") as tmp:
         for i, r in enumerate(sorted(children, key=lambda r: r.info.start_time)):
@@ -155,7 +180,8 @@ def collect(client: Any, parent_id: str, tracking_uri: str | None = None) -> Swe
         parent_id=parent_id, parent_name=parent.info.run_name or parent_id,
         parent_status=parent.info.status, parent_start_time=int(parent.info.start_time or 0),
         parent_tags=dict(parent.data.tags), jobs=jobs,
-        parent_metrics=dict(parent.data.metrics),
+        # a plain job's own metrics are its row, not a sweep's summary
+        parent_metrics={} if plain_job else dict(parent.data.metrics), plain_job=plain_job,
     )
 
 
@@ -166,7 +192,7 @@ def collect_sweep(tracking_uri: str | None = None, *, sweep_dir: Path | None = N
     collect it from MLflow; the store is ``tracking_uri``, else the one the sweep folder
     names, else the default store under ``output_dir``. Returns the client and the data;
     raises :class:`ReportError` (or MLflow's own errors) with a one-line message."""
-    from pipeline.tracking.mlflow import default_store_uri, store_for_sweep_dir
+    from pipeline.tracking.store import default_store_uri, store_for_sweep_dir
 
     uri = tracking_uri
     if uri is None and sweep_dir is not None:

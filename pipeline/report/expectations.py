@@ -1,10 +1,10 @@
-"""The seed's expected figures for each optimization, in one small table.
+"""The course's published claims for each optimization, in one small table.
 
 The report puts these beside the measured ratios ("Against the baseline", scaling with
 length, prefix caching), so a reader sees what was expected next to what this machine
-measured. Nothing here is measured: it is the claim being checked. The figures are the
-seed's, as docs/performance.md quotes them: KV cache 2–3x, flash/sdpa 1.5–3x, batching
-2–4x, vLLM 5–15x over naive HF.
+measured. Nothing here is measured: it is the claim being checked. The figures are the ones
+the LLM-inference course states for each optimization, as docs/performance.md quotes them:
+KV cache 2–3x, flash/sdpa 1.5–3x, batching 2–4x, vLLM 5–15x over naive HF.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ class Expectation:
     MLflow params are compared case-insensitively); ``metrics`` the figures it should move;
     ``length_param``/``max_length``: where set, the figure holds only up to that length.
     No ``candidates``: every value other than ``reference`` switches it on. ``low``/``high``:
-    the expected throughput ratio (this / reference output tok/s), where the seed gives one.
+    the expected throughput ratio (this / reference output tok/s), where the course gives one.
     ``reference_params``: what the reference job must also have (naive HF: eager attention,
     no KV cache); ``ignore_prefix``: params under it may differ between the two jobs (the
     engine's own settings when the engine is what changes).

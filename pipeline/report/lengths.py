@@ -4,7 +4,7 @@ When a sweep varies ``workload.input_tokens`` or ``workload.max_new_tokens``, th
 adds "Scaling with length": per job its prefill time, decode speed and peak memory above the
 loaded model against that length (the ``scaling`` table, which the plots draw), and at each
 length the ratio between configurations (the other swept params: attention kernels, the KV
-cache) next to the seed's expected figure (the ``length_ratios`` table). When requests carry
+cache) next to the course's claim (the ``length_ratios`` table). When requests carry
 ``extra.prefix_group``, ``prefix_ttft`` compares the TTFT of each group's first request
 with the later ones. All three are pure functions of the MLflow data.
 """
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.report.catalog import MIB, missing
+from pipeline.metrics.catalog import MIB, missing
 from pipeline.report.collect import JobRun
 from pipeline.report.expectations import BY_NAME, Expectation, for_param
 from pipeline.report.table_model import (
@@ -190,7 +190,7 @@ def ratio_table(s: Sweep) -> Table:
     """At each length, each configuration against its reference (:func:`_reference`):
     prefill × = reference / this prefill time and decode × = this / reference decode tok/s
     (above 1: this is faster), memory = this / reference peak above load and its saving %,
-    with the seed's expected figure where one holds at that length."""
+    with the course's claim where one holds at that length."""
     length, others, pts = points(s)
     if length is None:
         return Table(pd.DataFrame(), [])
@@ -222,7 +222,7 @@ def ratio_table(s: Sweep) -> Table:
             number("decode_x", "decode × (this / ref tok/s)", ".2f"),
             number("memory_ratio", "memory this / ref", ".2f"),
             number("memory_saving_pct", "memory saving %", "+.1f"),
-            plain("expected", "expected (seed)")]
+            plain("expected", "course's claim")]
     return Table(pd.DataFrame(rows), cols)
 
 
@@ -261,7 +261,7 @@ def prefix_table(s: Sweep) -> Table:
             plain("first_n", "first requests"), number("ttft_first_ms", "TTFT first ms", ".1f"),
             plain("later_n", "later requests"), number("ttft_later_ms", "TTFT later ms", ".1f"),
             number("later_over_first", "later / first", ".2f"),
-            plain("expected", "expected (seed)")]
+            plain("expected", "course's claim")]
     return Table(pd.DataFrame(rows), cols)
 
 

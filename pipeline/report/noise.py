@@ -5,7 +5,7 @@ its mean over repeats, and two jobs differ only where their 95% intervals do not
 Without one, a speed or latency metric must differ by more than :data:`SPEED_REL_THRESHOLD`
 of the larger figure, a quality or diversity metric by more than
 :data:`QUALITY_ABS_THRESHOLD` in absolute terms. Every ranking the report prints (the
-summary's leaders, the trade-off readings, "within noise" beside the seed's expectations)
+summary's leaders, the trade-off readings, "within noise" beside the course's expectations)
 goes through :func:`extremes` or :func:`distinct`.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from pipeline.report.catalog import SPECS
+from pipeline.metrics.catalog import SPECS
 
 SPEED_REL_THRESHOLD = 0.10  # speed, latency, memory: relative to the larger figure
 QUALITY_ABS_THRESHOLD = 0.02  # perplexity, self-BLEU, distinct-n, rep-n, ref_*: absolute

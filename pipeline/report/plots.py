@@ -15,8 +15,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogLocator, NullFormatter, NullLocator, ScalarFormatter
 
+from pipeline.metrics.catalog import missing
 from pipeline.report import lengths, serving
-from pipeline.report.catalog import missing
 from pipeline.report.collect import SweepData
 from pipeline.report.tables import (
     LATENCY_AXES,

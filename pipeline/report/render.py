@@ -14,15 +14,15 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.report import gate, noise, serving
-from pipeline.report.catalog import SPECS, format_metric
+from pipeline.metrics.catalog import SPECS, format_metric
+from pipeline.report import gate_table, noise, serving
 from pipeline.report.collect import SweepData
 from pipeline.report.expectations import BY_NAME
 from pipeline.report.interactive import figure_html
 from pipeline.report.lengths import LENGTH_WORDS, scaling_images
 from pipeline.report.plots import CAPTIONS
 from pipeline.report.tables import Table, display_tables
-from pipeline.tracking.mlflow import compare_url, run_url, runs_url, ui_command
+from pipeline.tracking.links import compare_url, run_url, runs_url, ui_command
 
 # The headline picks: metric and the words for its best job.
 HEADLINE_PICKS = (("output_tokens_per_s", "highest output tok/s"),
@@ -144,7 +144,7 @@ def length_sections(tables: Mapping[str, Table], d: Mapping[str, pd.DataFrame]
                 "the optimization: eager attention, `use_cache=false`; else the baseline "
                 "job's): prefill × = reference / this prefill time and decode × = this / "
                 "reference decode tok/s (above 1: faster); memory = this / reference peak "
-                "above load, saving % = 1 − that. The expected figure is the seed's claim, "
+                "above load, saving % = 1 − that. The expected figure is the course's claim, "
                 "shown where it speaks about that length.")),
                 Block("table", d["length_ratios"])]
         out.append(Section("Scaling with length", blocks))
@@ -159,15 +159,16 @@ def length_sections(tables: Mapping[str, Table], d: Mapping[str, pd.DataFrame]
 
 
 def expected_blocks(d: Mapping[str, pd.DataFrame]) -> list[Block]:
-    """The seed's expectations beside the measured ratios, when the sweep varies what one
+    """The course's claims beside the measured ratios, when the sweep varies what one
     of them is about (none otherwise)."""
     if "expected" not in d or d["expected"].empty:
         return []
     return [Block("text", (
-        "What the seed expects, beside what this sweep measured: each job with an "
-        "optimization on against the job without it that matches it on every other param. "
+        "What the LLM-inference course claims for each optimization (the course's claim "
+        "column), beside what this sweep measured: each job with an optimization on "
+        "against the job without it that matches it on every other param. "
         "The verdict says \"within noise\" when the two throughputs differ by less than the "
-        "noise rule allows (see the Summary), else where the ratio falls against the seed's "
+        "noise rule allows (see the Summary), else where the ratio falls against the course's "
         "range.")), Block("table", d["expected"])]
 
 
@@ -213,7 +214,7 @@ def build_sections(data: SweepData, tables: Mapping[str, Table]) -> list[Section
         Section("Per-request latency", [_image("latency_distributions"),
                                         Block("table", d["latency"])]),
         *[Section(t, [Block(*b) for b in bs]) for t, bs in serving.sections(data)],
-        *[Section(t, [Block(*b) for b in bs]) for t, bs in gate.sections(data)],
+        *[Section(t, [Block(*b) for b in bs]) for t, bs in gate_table.sections(data)],
         Section("Decoding trade-offs", [
             Block("text", "Per job: quality (perplexity under the scorer, lower = more "
                           "likely), diversity (self-BLEU, lower = more diverse; distinct-2, "

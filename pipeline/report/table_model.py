@@ -11,7 +11,7 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.report.catalog import METRICS, SPECS, format_metric, format_number, missing
+from pipeline.metrics.catalog import METRICS, SPECS, format_metric, format_number, missing
 from pipeline.report.collect import JobRun, SweepData
 
 Row = Mapping[str, Any]

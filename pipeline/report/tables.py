@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.metrics.catalog import SPECS, format_metric, missing
 from pipeline.report import noise
-from pipeline.report.catalog import SPECS, format_metric, missing
 from pipeline.report.claims import expected_table
 from pipeline.report.collect import JobRun, SweepData
 from pipeline.report.lengths import length_tables
@@ -362,7 +362,7 @@ def provenance_rows(data: SweepData) -> list[tuple[str, str]]:
 def build_tables(data: SweepData, baseline: str | None = None) -> dict[str, Table]:
     """Every table of the report. Keys: ``jobs``, ``vs_baseline``, ``pareto``, ``latency``,
     ``tradeoffs``, ``applied`` (settings that differ), ``applied_common`` (the others),
-    ``expected`` (the seed's expectations beside the measured ratios), ``provenance``,
+    ``expected`` (the course's claims beside the measured ratios), ``provenance``,
     ``runs`` (the jobs' run names and ids), and
     from :mod:`pipeline.report.lengths` ``scaling``, ``length_ratios``, ``prefix_ttft``
     (empty when the sweep varies no length / has no prefix groups)."""

@@ -1,10 +1,10 @@
 """Run a load profile (``workload.profile`` != fixed) against an online backend.
 
-``experiment.measure()`` hands over here after validation; the job's usual result comes
+:func:`pipeline.job_measure.measure` hands over here after validation; the job's usual result comes
 back (the records of every point, tagged ``extra["point"]``, and job-level metrics), and
 every point's dict goes to ``points_out`` (``JobResult.load_points``). Each point goes
 through the backend's ordinary ``serve()``: the client is steered by a
-:class:`~pipeline.serving_client.PointControl` (over-saturation stop, duration), so any
+:class:`~pipeline.serving.client.PointControl` (over-saturation stop, duration), so any
 online backend (``vllm_server``, ``openai``) runs every profile unchanged.
 
 Concurrency: ``sync`` sends one request at a time, ``max`` every request at once with no
@@ -26,8 +26,8 @@ from pipeline.measure.memory import PeakRSSSampler
 from pipeline.measure.timing import PhaseTimer, clock
 from pipeline.records import Request, RequestRecord
 from pipeline.serving import points as pts
-from pipeline.serving.engine import EngineSampler
-from pipeline.serving_client import PointControl, point_control
+from pipeline.serving.client import PointControl, point_control
+from pipeline.serving.engine_metrics import EngineSampler
 from pipeline.workload.arrivals import arrival_offsets
 from pipeline.workload.profiles import (
     SaturationRule,

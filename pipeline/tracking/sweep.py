@@ -1,6 +1,7 @@
 """The Hydra callback of a ``-m`` sweep: opens its MLflow parent run before the first job;
-at the end prints the sweep table, reports backend parity, puts summary metrics on the
-parent, closes it and stops the engines the sweep kept warm."""
+at the end prints the sweep table, runs the sweep's analysis (parity, the gate: see
+:func:`pipeline.analysis.sweep_end.analyse_sweep`), puts summary metrics on the parent,
+closes it and stops the engines the sweep kept warm."""
 
 from __future__ import annotations
 
@@ -15,25 +16,21 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from pipeline import backends, provenance
+from pipeline.analysis.sweep_end import analyse_sweep
 from pipeline.config import flatten
-from pipeline.gate import report_sweep_gate
-from pipeline.parity import report_sweep_parity
+from pipeline.metrics.catalog import HEADLINE
 from pipeline.records import JobResult
-from pipeline.report.catalog import HEADLINE
-from pipeline.tracking.mlflow import (
-    RUN_ID_FILE,
+from pipeline.tracking.job_runs import RUN_ID_FILE, log_job, log_metrics
+from pipeline.tracking.links import ui_hint
+from pipeline.tracking.parent_run import (
     SweepStillOwned,
-    client_for,
-    log_job,
-    log_metrics,
     open_parent,
     owner_tags,
     read_parent_id,
     sweep_key,
     take_over_parent,
-    tracking_uri,
-    ui_hint,
 )
+from pipeline.tracking.store import client_for, tracking_uri
 from pipeline.tracking.table import format_table
 
 log = logging.getLogger(__name__)
@@ -87,8 +84,7 @@ class SweepCallback(Callback):
         rows, common = read_job_rows(sweep_dir)
         efficiency = sweep_efficiency(rows, time.perf_counter() - self.t_start)
         print_sweep_summary(sweep_dir, rows, common, efficiency)
-        report_sweep_parity(config, sweep_dir)  # jobs differing only in backend, if any
-        report_sweep_gate(config, sweep_dir)  # optimized jobs vs their baselines
+        analyse_sweep(config, sweep_dir)  # parity, then the gate
         link_skipped(config, sweep_dir)
         finish_parent(config, sweep_dir, rows, efficiency)
         stop_engines()

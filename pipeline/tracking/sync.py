@@ -18,13 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import flatten
 from pipeline.records import JobResult
-from pipeline.tracking.mlflow import (
-    RUN_ID_FILE,
-    TrackingUnavailable,
-    client_for,
-    log_job,
-    open_parent,
-)
+from pipeline.tracking.job_runs import RUN_ID_FILE, log_job
+from pipeline.tracking.parent_run import open_parent
+from pipeline.tracking.store import TrackingUnavailable, client_for
 
 # statuses with nothing measured to log
 UNLOGGED = ("VALIDATED", "SKIPPED", "RUNNING")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pipeline.report.catalog import HEADLINE, SPECS, format_metric
+from pipeline.metrics.catalog import HEADLINE, SPECS, format_metric
 
 
 def format_table(rows: list[Mapping[str, Any]], first_cols: list[str]) -> str:

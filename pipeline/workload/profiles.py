@@ -121,7 +121,7 @@ class SloSearch:
 
 
 class Live(Protocol):
-    """What the rule reads of each request (``serving_client.LiveRequest``); seconds
+    """What the rule reads of each request (``pipeline.serving.client.LiveRequest``); seconds
     since the point's start, None for what has not happened yet."""
 
     due: float

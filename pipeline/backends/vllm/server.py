@@ -1,21 +1,14 @@
-"""vLLM's OpenAI-compatible server, started by the pipeline on 127.0.0.1, benchmarked by
-the same streaming client as any OpenAI-compatible endpoint.
+"""The ``vllm_server`` backend: a vLLM OpenAI-compatible server started by the pipeline on
+127.0.0.1 (:mod:`~pipeline.backends.vllm.server_process`), benchmarked by the same
+streaming client as any OpenAI-compatible endpoint; its plug-in points, its server's
+command line, taking or starting the server for a job, and reading the server back.
 
-``python -m vllm.entrypoints.openai.api_server`` runs as a child process in its own
-session (process group), so that stopping it reaches its engine core and workers too, and
-so that a Ctrl-C in the terminal reaches the pipeline first, which then stops the server
-in order. Servers are cached per process (:data:`SERVERS`), keyed by every setting that
+Servers are cached per process
+(:data:`~pipeline.backends.vllm.server_process.SERVERS`), keyed by every setting that
 shapes them: the jobs of a sweep that share them reuse one server, and at most one idle
 server is kept (starting one with other settings stops the others first: two would split
-2 cores and double the KV cache memory).
-
-A server never outlives the pipeline:
-- :meth:`VLLMServerBackend.shutdown_cached` runs at the end of a sweep, at interpreter
-  exit (``atexit``, which also covers Ctrl-C), and on SIGTERM/SIGHUP;
-- a server that is still starting is tracked before it is waited for, so an interrupt
-  during start-up stops it as well;
-- on Linux the server gets ``PR_SET_PDEATHSIG``: if the pipeline is killed outright
-  (SIGKILL), the kernel sends the server SIGTERM and vLLM shuts its engine down.
+2 cores and double the KV cache memory). :meth:`VLLMServerBackend.shutdown_cached` runs at
+the end of a sweep, at interpreter exit and on SIGTERM/SIGHUP.
 
 The server's output goes to a log file under ``backend.log_dir``; each job copies the part
 written during the job (start-up included, for the job that started it) to ``server.log``
@@ -26,15 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,29 +33,25 @@ from pipeline.backends.openai import (
     ServingFailed,
     openai_body,
 )
-from pipeline.backends.vllm.common import (
+from pipeline.backends.vllm.config import (
     VLLM_INHERENT,
     VLLM_SERVER_SETTINGS,
-    EngineCache,
-    Shared,
-    VLLMPlugins,
     VLLMServerBackendConfig,
     engine_dtype,
     engine_eager,
-    engine_env,
-    engine_key,
     engine_seed,
-    env_settings,
-    kv_metrics,
-    reap,
     validate_vllm_settings,
 )
+from pipeline.backends.vllm.engine_cache import engine_key
+from pipeline.backends.vllm.environment import engine_env, env_settings
+from pipeline.backends.vllm.plugins import VLLMPlugins, kv_metrics
 from pipeline.backends.vllm.quantization import check_quantization
+from pipeline.backends.vllm.server_process import SERVERS, VLLMServer, free_port
 from pipeline.config import DecodingConfig, ModelConfig, check_choice, check_range
 from pipeline.errors import ConfigError
 from pipeline.gpu_memory import prepare_gpu_for_engine
 from pipeline.records import Request, RequestRecord
-from pipeline.serving_client import http_get_json
+from pipeline.serving.http_json import http_get_json
 from pipeline.workload.limits import check_requests_fit
 
 if TYPE_CHECKING:
@@ -77,193 +61,11 @@ log = logging.getLogger(__name__)
 
 #: file name of the server log kept in each job folder
 JOB_LOG_NAME = "server.log"
-#: seconds between SIGTERM to the server's process group and SIGKILL
-STOP_GRACE_S = 20.0
-#: lines of the server log quoted in an error
-LOG_TAIL_LINES = 40
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: ask the kernel for SIGTERM when the parent dies."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-    except Exception:  # not Linux: atexit and the signal handlers remain
-        pass
-
-
-@dataclass
-class VLLMServer(Shared):
-    """One vLLM API server process: start, health-wait, log access and stop."""
-
-    cmd: list[str]
-    log_path: Path
-    port: int
-    host: str = "127.0.0.1"
-    proc: subprocess.Popen | None = None
-    start_s: float | None = None
-    info: dict[str, Any] = field(default_factory=dict)
-    _log_fh: Any = None
-
-    @property
-    def base_url(self) -> str:
-        """The OpenAI API root, e.g. ``http://127.0.0.1:41234/v1``."""
-        return f"http://{self.host}:{self.port}/v1"
-
-    @property
-    def pid(self) -> int | None:
-        """The API server's pid (its engine core and workers are its descendants)."""
-        return self.proc.pid if self.proc is not None else None
-
-    def root_pids(self) -> list[int]:
-        """The API server process."""
-        return [self.pid] if self.pid is not None else []
-
-    def alive(self) -> bool:
-        """The API server process is running (its engine may still be starting)."""
-        return self.proc is not None and self.proc.poll() is None
-
-    def usable(self) -> bool:
-        """A server that died between jobs is replaced."""
-        return self.alive()
-
-    def start(self, timeout_s: float) -> None:
-        """Start the process and wait for ``/health``; on failure stop it and raise
-        ``RuntimeError`` quoting the end of its log."""
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log_fh = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the server
-        self._log_fh.write(f"$ {' '.join(self.cmd)}\n".encode())
-        self._log_fh.flush()
-        main = threading.current_thread() is threading.main_thread()
-        t0 = time.perf_counter()
-        self.proc = subprocess.Popen(
-            self.cmd, stdout=self._log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, **self.env}, start_new_session=True,
-            # PDEATHSIG follows the thread that forked: only safe from the main thread.
-            preexec_fn=_die_with_parent if main else None,  # noqa: PLW1509
-        )
-        SERVERS.track(self)
-        _install_signal_handlers()
-        log.info("started vLLM server pid %d on %s; log %s", self.proc.pid, self.base_url,
-                 self.log_path)
-        try:
-            self._wait_healthy(timeout_s)
-        except BaseException:
-            self.stop()
-            raise
-        self.start_s = time.perf_counter() - t0
-        log.info("vLLM server healthy after %.1f s", self.start_s)
-
-    def _wait_healthy(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        url = f"http://{self.host}:{self.port}/health"
-        while True:
-            rc = self.proc.poll() if self.proc is not None else -1
-            if rc is not None:
-                tail = self.log_tail()
-                raise RuntimeError(
-                    f"backend vllm_server: the vLLM server exited with code {rc} before it "
-                    f"became healthy ({last_error_line(tail)}); last lines of "
-                    f"{self.log_path}:\n{tail}"
-                )
-            with contextlib.suppress(OSError):
-                status, _ = http_get_json(url, timeout_s=2.0)
-                if status == 200:
-                    return
-            if time.monotonic() >= deadline:
-                raise RuntimeError(
-                    f"backend vllm_server: the vLLM server did not become healthy within "
-                    f"backend.startup_timeout_s={timeout_s:g} s; last lines of "
-                    f"{self.log_path}:\n{self.log_tail()}"
-                )
-            time.sleep(0.5)
-
-    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        """The last ``lines`` lines of the server log."""
-        try:
-            with open(self.log_path, "rb") as fh:
-                fh.seek(0, os.SEEK_END)
-                fh.seek(max(0, fh.tell() - 64 * 1024))
-                text = fh.read().decode(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
-
-    def log_size(self) -> int:
-        """Bytes written to the log so far (where a job's slice starts)."""
-        try:
-            return self.log_path.stat().st_size
-        except OSError:
-            return 0
-
-    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
-        """SIGTERM the server's process group, SIGKILL what is left after ``grace_s``,
-        and reap the process. Safe to call more than once."""
-        SERVERS.forget(self)
-        proc = self.proc
-        if proc is not None:
-            reap([proc.pid], grace_s, group=True)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=10)
-        if self._log_fh is not None:
-            with contextlib.suppress(OSError):
-                self._log_fh.close()
-            self._log_fh = None
-
-
-def last_error_line(log_text: str) -> str:
-    """The line of a log most likely to say why a process died: the last unindented
-    ``SomethingError: ...`` line (a traceback's final line), else the last line."""
-    lines = [ln.strip() for ln in log_text.splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        head = ln.split(":", 1)[0].split(" ")[-1]
-        if ":" in ln and head.endswith(("Error", "Exception", "Exit")):
-            return ln[:300]
-    return lines[-1][:300] if lines else "no output"
-
-
-#: the servers of this process, started or still starting (at most one idle)
-SERVERS: EngineCache[VLLMServer] = EngineCache("vLLM server")
-_HANDLERS_INSTALLED = False
 
 
 def running_servers() -> list[VLLMServer]:
     """Servers of this process that are not stopped (for tests and diagnostics)."""
     return SERVERS.live()
-
-
-def _install_signal_handlers() -> None:
-    """On SIGTERM/SIGHUP stop the servers, then die of the signal as before. Only where
-    the handler is still the default (someone else's handler is left alone) and only
-    from the main thread (Python's rule)."""
-    global _HANDLERS_INSTALLED
-    if _HANDLERS_INSTALLED or threading.current_thread() is not threading.main_thread():
-        return
-    _HANDLERS_INSTALLED = True
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(sig) is signal.SIG_DFL:
-            signal.signal(sig, _on_signal)
-
-
-def _on_signal(signum: int, frame: Any) -> None:
-    try:
-        SERVERS.stop_all()
-    finally:
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-
-
-# ------------------------------------------------------------------------------- backend
 
 
 def _job_dir() -> Path | None:

@@ -1,6 +1,6 @@
 """The report's "Fast but wrong?" table: each optimized job next to its baseline, with the
-speed it gained and the gate's verdict (``pipeline/gate.py``; thresholds and rules in
-``pipeline/metrics/gate.py``), read from the jobs' MLflow runs (``gate.*`` metrics and the
+speed it gained and the gate's verdict (``pipeline/analysis/gate.py``; thresholds and rules in
+``pipeline/analysis/gate_rules.py``), read from the jobs' MLflow runs (``gate.*`` metrics and the
 ``gate_verdict`` / ``gate_reason`` / ``gate_baseline_job`` tags)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.metrics.gate import THRESHOLDS
-from pipeline.report.catalog import format_metric, format_number, missing
+from pipeline.analysis.gate_rules import THRESHOLDS
+from pipeline.metrics.catalog import format_metric, format_number, missing
 from pipeline.report.collect import SweepData
 
 NOTE = (

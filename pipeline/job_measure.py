@@ -1,0 +1,142 @@
+"""Measuring a loaded backend: the warm-up, the measured repeats and their performance
+metrics, the machine's rates before loading, and the job's roofline figures."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from pipeline.backends.base import Backend
+from pipeline.config import Config
+from pipeline.measure.memory import PeakRSSSampler, cuda_peaks, cuda_reset_peaks
+from pipeline.measure.timing import PhaseTimer, clock
+from pipeline.metrics import performance
+from pipeline.records import RequestRecord
+from pipeline.workload import annotate_records, arrival_offsets, batches
+
+log = logging.getLogger(__name__)
+
+
+def measure(backend: Backend, spec: Config, requests: list, timer: PhaseTimer,
+            load_points: list | None = None) -> tuple[list[RequestRecord], dict[str, float]]:
+    """Warm up, then run the measured phase ``repeats`` times; return the first repeat's
+    records (the generations that get scored) and the performance metrics. A load
+    profile (online only) runs its points instead and appends them to ``load_points``."""
+    w = spec.workload
+    if backend.online and w.profile != "fixed":
+        from pipeline.serving.runner import run_profile
+
+        return run_profile(backend, spec, requests, timer, load_points)
+    groups = batches(requests, w.batch_size)
+    gen = dict(max_new_tokens=w.max_new_tokens, fixed_length=w.fixed_length)
+    send_at = arrival_offsets(len(requests), w.request_rate, w.arrival, w.burstiness, spec.seed)
+    from pipeline.measure.memory import above_load, memory_now
+
+    def run_once(k: int) -> list[RequestRecord]:
+        if backend.online:
+            return backend.serve(requests, spec.decoding, send_at=send_at,
+                                 concurrency=w.concurrency, timeout_s=w.request_timeout_s,
+                                 **gen)
+        recs: list[RequestRecord] = []
+        for group in _progress(groups, f"generate {k + 1}/{w.repeats}"):
+            recs.extend(backend.generate(group, spec.decoding, **gen))
+        return recs
+
+    with timer.phase("warmup"):
+        for i in range(w.warmup):
+            if backend.online:
+                backend.serve(requests[:1], spec.decoding, send_at=[0.0], concurrency=1,
+                              timeout_s=w.request_timeout_s, **gen)
+            else:
+                backend.generate(groups[i % len(groups)], spec.decoding, **gen)
+    # The baseline of *_above_load: the loaded model after the warm-up, so that one-time
+    # lazy set-up (thread pools, kernel scratch) is not charged as working memory, and
+    # after a heap trim, so that what earlier jobs freed is not in it either.
+    at_load = memory_now(backend.child_pids)
+    all_records: list[RequestRecord] = []
+    first: list[RequestRecord] = []
+    per_repeat: list[float] = []
+    walls: list[float] = []
+    cuda_reset_peaks()
+    with PeakRSSSampler(spec.measure.rss_sample_interval_s,
+                        extra_pids=backend.child_pids) as mem:
+        for k in range(w.repeats):
+            with timer.phase("generate"):
+                t0 = clock(backend.sync)
+                recs = run_once(k)
+                wall = clock(backend.sync) - t0
+            walls.append(wall)
+            annotate_records(recs, requests)  # prefix group, request id... into extra
+            per_repeat.append(sum(r.output_tokens for r in recs if r.ok) / wall)
+            all_records.extend(recs)
+            if k == 0:
+                first = recs
+    metrics: dict[str, float] = {}
+    metrics.update(performance.latency_metrics(all_records))
+    metrics.update(performance.throughput_metrics(all_records, sum(walls)))
+    if backend.online:
+        metrics["peak_concurrency"] = float(performance.peak_concurrency(all_records))
+    else:
+        metrics.update(performance.batch_phase_metrics(all_records))
+    slo = {k: v for k, v in (("ttft_ms", w.slo_ttft_ms), ("tpot_ms", w.slo_tpot_ms),
+                             ("e2el_ms", w.slo_e2el_ms)) if v is not None}
+    metrics.update(performance.goodput(all_records, sum(walls), slo))
+    if w.repeats > 1:
+        mean, half = performance.mean_ci95(per_repeat)
+        metrics["output_tokens_per_s_repeat_mean"] = mean
+        metrics["output_tokens_per_s_ci95"] = half
+    metrics["peak_rss_bytes"] = float(mem.peak_bytes)
+    metrics["peak_rss_sampled"] = float(mem.method == "sampled")  # else high-water mark
+    cuda = cuda_peaks()
+    metrics.update({k: float(v) for k, v in cuda.items()})
+    metrics.update(above_load(at_load, mem.peak_bytes, cuda))
+    metrics["measured_wall_s"] = sum(walls)
+    return first, metrics
+
+
+def _progress(items: list, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="batch", leave=False, disable=len(items) < 2)
+
+
+
+def measure_machine_early(spec: Config) -> None:
+    """Measure the machine's rates for the roofline (once per machine, cached only when
+    the machine was idle while measuring) before the model loads: after a job, compile
+    workers or engine processes may still be busy and the bandwidth would read low (seen:
+    23.7 instead of 30.9 GB/s)."""
+    from pipeline.devices import resolve_device, resolve_dtype_name
+    from pipeline.measure.roofline import DTYPE_BYTES, cached_rates
+
+    try:  # the same auto rules the backends apply when they load
+        device = "cuda" if resolve_device(spec.model.device) == "cuda" else "cpu"
+        # a backend without its own dtype setting runs the model's
+        dtype = resolve_dtype_name(getattr(spec.backend, "dtype", None) or spec.model.dtype)
+        if dtype in DTYPE_BYTES:
+            cached_rates(Path(spec.paths.cache_dir).resolve(), device, dtype)
+    except Exception as e:  # the roofline is measured after the job instead
+        log.warning("machine rates not measured before loading: %s", e)
+
+
+def job_roofline(spec: Config, online: bool, applied: dict, metrics: dict, n_requests: int,
+                 model_dir: str, provenance: dict | None = None) -> dict[str, float]:
+    """The job's roofline figures (:func:`pipeline.measure.roofline.roofline_metrics`) for
+    the sequences it decoded together; empty when they cannot be computed."""
+    from pipeline.devices import resolve_dtype_name
+    from pipeline.measure.roofline import roofline_metrics
+
+    w = spec.workload
+    # sequences decoded together: the batch offline, the concurrency limit online
+    in_flight = (w.concurrency or n_requests) if online else w.batch_size
+    try:
+        return roofline_metrics(applied, min(in_flight, n_requests),
+                                metrics.get("output_tokens_per_s", 0.0),
+                                Path(spec.paths.cache_dir).resolve(), model_dir,
+                                resolve_dtype_name(spec.model.dtype, spec.model.device),
+                                provenance=provenance)
+    except Exception as e:  # a missing roofline must not fail a measured job
+        log.warning("roofline not computed: %s", e)
+        return {}
+
