@@ -32,6 +32,9 @@ def test_report_after_a_plain_run_has_the_jobs_row(plain_job: Path) -> None:
     text = md.read_text()
     rows = [line for line in text.splitlines() if line.startswith("|") and run_id in line]
     assert rows and "FINISHED" in rows[0], text[:3000]
+    # it reads as one job: rerun without -m, no sweep parent run named
+    assert "python run.py -m" not in text and "sweep parent run" not in text, text[:3000]
+    assert "python run.py" in text and "job run" in text
     client = MlflowClient(tracking_uri=default_store_uri(plain_job))
     run = client.get_run(run_id)
     assert "mlflow.parentRunId" not in run.data.tags  # a plain job: no parent run made up

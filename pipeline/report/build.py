@@ -122,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"report: {report.markdown}\n        {report.html}")
     if not args.no_log:
         art = log_report(client, data, report)
-        print(f"logged to MLflow parent run {data.parent_id}: {art}")
+        kind = "job run" if data.plain_job else "parent run"
+        print(f"logged to MLflow {kind} {data.parent_id}: {art}")
     links = ui_links(data)
-    print(f"view in MLflow:\n  {links['command']}\n  then {links['compare runs']}")
+    page = links["job run"] if data.plain_job else links["compare runs"]
+    print(f"view in MLflow:\n  {links['command']}\n  then {page}")
     return 0

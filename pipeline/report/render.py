@@ -38,19 +38,27 @@ HEADLINE_PICKS = (("output_tokens_per_s", "highest output tok/s"),
 
 
 def reproduce_command(data: SweepData) -> str:
-    """The command that reruns the sweep, from the parent's ``hydra_overrides`` tag."""
+    """The command that reruns the sweep (or the plain job), from the parent's
+    ``hydra_overrides`` tag."""
     over = data.parent_tags.get("hydra_overrides")
     if over is None:  # older parents: the recorded command line, minus the script name
         cmd = data.parent_tags.get("command", "run.py -m").split()
         over = " ".join(t for t in cmd[1:] if t not in ("-m", "--multirun"))
     toks = [shlex.quote(t) for t in over.split()]
-    return " ".join(["python run.py -m", *toks])
+    return " ".join(["python run.py" if data.plain_job else "python run.py -m", *toks])
+
+
+def _run_kind(data: SweepData) -> str:
+    return "job run" if data.plain_job else "parent run"
 
 
 def ui_links(data: SweepData) -> dict[str, str]:
     """The MLflow UI command for the store and this sweep's pages in it (the URLs are the
     tracking package's, the same ones a sweep prints when it ends)."""
     uri, exp = data.tracking_uri, data.experiment_id
+    if data.plain_job:  # one job: its own run is all there is
+        return {"command": ui_command(uri), "experiment runs": runs_url(uri, exp),
+                "job run": run_url(uri, exp, data.parent_id)}
     return {
         "command": ui_command(uri),
         # /runs: MLflow 3 opens an experiment on its GenAI overview, not the runs table
@@ -270,7 +278,7 @@ def render_markdown(data: SweepData, sections: list[Section], built: str = "") -
     """report.md: the sections as markdown, images referenced as sibling PNG files."""
     out = [f"# {_title(data)}", ""]
     if built:
-        out += [f"_Built {built} from MLflow ({data.tracking_uri}), parent run "
+        out += [f"_Built {built} from MLflow ({data.tracking_uri}), {_run_kind(data)} "
                 f"`{data.parent_id}`._", ""]
     for s in sections:
         out += [f"## {s.title}", ""]
@@ -362,7 +370,7 @@ def render_html(data: SweepData, sections: list[Section], images: Mapping[str, b
            f"<title>{title}</title><style>{CSS}</style></head><body>", f"<h1>{title}</h1>"]
     if built:
         out.append(f"<p><em>Built {html.escape(built)} from MLflow "
-                   f"({html.escape(data.tracking_uri)}), parent run "
+                   f"({html.escape(data.tracking_uri)}), {_run_kind(data)} "
                    f"<code>{html.escape(data.parent_id)}</code>.</em></p>")
     for s in sections:
         out.append(f"<h2>{html.escape(s.title)}</h2>")

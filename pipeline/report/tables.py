@@ -333,7 +333,8 @@ def provenance_rows(data: SweepData) -> list[tuple[str, str]]:
     dates = sorted(p["date"] for p in provs if p.get("date"))
     rows = [
         ("experiment", f"{data.experiment_name} (id {data.experiment_id})"),
-        ("sweep parent run", f"{data.parent_id} ({data.parent_name}, {data.parent_status})"),
+        ("job run" if data.plain_job else "sweep parent run",
+         f"{data.parent_id} ({data.parent_name}, {data.parent_status})"),
         ("sweep folder", t.get("sweep_dir", "-")),
         ("sweep started (UTC)", _iso(data.parent_start_time) if data.parent_start_time else "-"),
         ("jobs ran (UTC)", f"{dates[0]} … {dates[-1]}" if len(dates) > 1 else _joined(dates)),
