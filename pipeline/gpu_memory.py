@@ -6,14 +6,18 @@ paths that call them are thin and unverified without a GPU):
 - :func:`scorer_dtype_name`: ``scoring.scorer_dtype=auto`` (the default) scores perplexity
   in the generating model's dtype on CUDA, so the scorer reuses the loaded model instead of
   loading a second full float32 copy; on the CPU it is float32, as before.
-- :func:`backends_to_free`: before a vLLM engine or server starts on a GPU, every other
-  backend's cached GPU model (the HF backend keeps its model between jobs) is stopped; vLLM
-  asks for ``gpu_memory_utilization`` of the *whole* card and fails when it is not free.
+- :func:`backends_to_free`: before a backend loads onto a GPU, every *other* backend's
+  cached engines and models are stopped: the HF model kept between jobs before a vLLM
+  engine or server starts (vLLM asks for ``gpu_memory_utilization`` of the *whole* card and
+  fails when it is not free), and an idle vLLM engine, which keeps that share of the card,
+  before an HF model loads. :func:`free_gpu_for` applies it.
 - :func:`check_free_memory`: ``backend.gpu_memory_utilization`` x the card's total must be
   free when the engine starts (vLLM's own start-up check, made before anything loads so
   that the refusal is one line naming the key and the fix).
+- :func:`check_estimate_fits_free`: an HF job's memory estimate (pipeline/memory_plan.py)
+  must fit in the memory free on the card before its weights load.
 
-:func:`prepare_gpu_for_engine` runs the last two where an engine starts.
+:func:`prepare_gpu_for_engine` runs the first two where an engine starts.
 """
 
 from __future__ import annotations
@@ -51,16 +55,18 @@ def scorer_dtype_name(requested: str, device: str, model_dtype: str | None,
 
 
 def backends_to_free(starting: str, device: str, held: Mapping[str, int]) -> list[str]:
-    """Which backends' cached engines/models must stop before ``starting`` starts an
-    engine on ``device``.
+    """Which backends' cached engines/models must stop before ``starting`` loads its model
+    or starts its engine on ``device``.
 
     ``held`` maps each loaded backend (by name) to how many cached engines or models it
     keeps that hold a GPU (:meth:`Backend.cached_engines`; the HF backend counts only its
     CUDA-resident models). On CUDA every other holder is freed: a vLLM engine takes
-    ``gpu_memory_utilization`` of the whole card at start. The starting backend's own
-    cache is left to it (its engine cache stops its idle engines itself, and may reuse
-    one). On the CPU nothing is freed: memory there is not reserved up front, and CPU
-    sweeps keep reusing what they cached, as before.
+    ``gpu_memory_utilization`` of the whole card at start and keeps it while idle, and an
+    HF model keeps its weights; either would leave the next backend too little. The
+    starting backend's own cache is left to it (vLLM's engine cache stops its idle engines
+    itself and may reuse one; the HF backend reuses a model of the same settings and frees
+    one of other settings). On the CPU nothing is freed: memory there is not reserved up
+    front, and CPU sweeps keep reusing what they cached, as before.
     """
     if device != "cuda":
         return []
@@ -112,12 +118,57 @@ def _holder_name(cls: type) -> str:
     return next(c for c in cls.__mro__ if "cached_engines" in vars(c)).__name__
 
 
+def free_gpu_for(starting: type, device: str) -> list[str]:
+    """Stop the cached engines/models of every backend but ``starting`` (a Backend class)
+    that :func:`backends_to_free` names, through each one's ``shutdown_cached``; returns
+    the holders stopped. On the CPU this does nothing and walks nothing."""
+    if device != "cuda":
+        return []
+    holders = held_gpu_engines()
+    names = backends_to_free(_holder_name(starting), device,
+                             {k: n for k, (n, _) in holders.items()})
+    for name in names:
+        stopped = holders[name][1]()
+        log.info("stopped %d cached %s engine(s)/model(s) to free the GPU for %s", stopped,
+                 name, starting.__name__)
+    return names
+
+
+def check_estimate_fits_free(model: str, estimate: int, free: int, *,
+                             terms: Mapping[str, int] | None = None, dtype: str = "",
+                             total: int | None = None, gpu: str = "cuda:0") -> None:
+    """Refuse, in one line, a job whose memory ``estimate`` (bytes) exceeds the ``free``
+    bytes of its card before its weights load.
+
+    ``estimate`` is what the job still needs on the card (pipeline/memory_plan.py's sum
+    without the CUDA context, which exists once the free memory has been read); ``free``
+    counts what is free now plus what this process's own allocator holds for models that
+    are reused or freed before loading. ``terms`` (name -> bytes) are named in the message;
+    ``dtype`` picks the fix (half precision where the job runs in float32).
+    """
+    if estimate <= free:
+        return
+    half = dtype == "float32"
+    fixes = (["model.dtype=auto (half precision on CUDA)"] if half else []) + [
+        "a smaller workload.batch_size or shorter prompts / workload.max_new_tokens",
+        "scoring.perplexity=false" if terms and any(k.startswith("scorer") for k in terms)
+        else "", "a card with more memory"]
+    parts = (f" ({', '.join(f'{k} {v / 1e9:.2f} GB' for k, v in terms.items())})"
+             if terms else "")
+    of_total = f" of {total / 2**30:.1f}" if total else ""
+    raise ConfigError(
+        f"model={model} does not fit in the free memory of {gpu}: the estimate is "
+        f"{estimate:,} bytes{parts}, but only {free:,} bytes are free "
+        f"({free / 2**30:.1f}{of_total} GiB; other processes hold the rest); use "
+        f"{', '.join(f for f in fixes if f)}, or stop what else runs on the GPU")
+
+
 def prepare_gpu_for_engine(starting: type, device: str, utilization: float,
                            gpus: int = 1,
                            mem_get_info: Callable[[int], tuple[int, int]] | None = None
                            ) -> list[str]:
     """Before an engine of class ``starting`` starts on ``device``: stop the other
-    backends' cached GPU models (:func:`backends_to_free`), then check that
+    backends' cached GPU models (:func:`free_gpu_for`), then check that
     ``utilization`` of each of its ``gpus`` cards is free (:func:`check_free_memory`),
     in that order, so that what was just freed counts. Returns the holders stopped.
 
@@ -126,13 +177,7 @@ def prepare_gpu_for_engine(starting: type, device: str, utilization: float,
     """
     if device != "cuda":
         return []
-    holders = held_gpu_engines()
-    names = backends_to_free(_holder_name(starting), device,
-                             {k: n for k, (n, _) in holders.items()})
-    for name in names:
-        stopped = holders[name][1]()
-        log.info("stopped %d cached %s model(s) to free the GPU for %s", stopped, name,
-                 starting.__name__)
+    names = free_gpu_for(starting, device)
     if mem_get_info is None:
         import torch
 

@@ -22,7 +22,7 @@ from pipeline.adapters import adapter_settings
 from pipeline.backends import make_backend
 from pipeline.config import Config
 from pipeline.errors import ConfigError, JobFailed
-from pipeline.job_checks import check_inputs
+from pipeline.job_checks import check_inputs, check_memory_before_load
 from pipeline.job_measure import job_roofline, measure, measure_machine_early
 from pipeline.job_results import (
     finished_before,
@@ -159,12 +159,18 @@ def run_job(cfg: DictConfig) -> JobResult:
     records: list[RequestRecord] = []
     metrics: dict[str, float] = {}
     interrupted = False
+    refused: ConfigError | None = None
     try:
         if isinstance(prepared, Exception):
             raise prepared
         with gpu_slot(spec):  # one GPU job at a time per GPU, whatever the launcher
-            records, metrics = _execute(spec, prepared, timer, results)
-        results.status = "FINISHED"
+            try:  # inside the slot, or another job's memory would count against this one
+                check_memory_before_load(spec, prepared.model_dir, prepared.requests)
+            except ConfigError as e:  # the card cannot take this job: invalid, exit 2
+                refused = e
+            else:
+                records, metrics = _execute(spec, prepared, timer, results)
+                results.status = "FINISHED"
     except KeyboardInterrupt:
         interrupted = True
         results.status = "FAILED"
@@ -176,6 +182,10 @@ def run_job(cfg: DictConfig) -> JobResult:
         job_dir.mkdir(parents=True, exist_ok=True)
         (job_dir / "error.txt").write_text(traceback.format_exc())
         log.error("job failed: %s (traceback in %s)", results.error, job_dir / "error.txt")
+    if refused is not None:
+        if sweep_dir is None:
+            raise refused
+        return record_invalid(cfg, results, refused, job_dir, sweep_dir)
     # the job's end, not the logging's: results.json and MLflow carry the same duration
     results.ended_at = int(time.time() * 1000)
     metrics.update({f"time_{k}_s": v for k, v in timer.seconds.items()})

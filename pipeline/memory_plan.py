@@ -235,9 +235,14 @@ def check_plan(p: MemoryPlan, hw: Hardware, spec: Config) -> None:
             f"scoring.perplexity=false, a lower gpu_memory_utilization or a smaller "
             f"scoring.scorer_dtype")
     weights_alone = p.items.get("weights", 0) > (p.budget or 0)
-    fix = ("a card with more memory, a smaller model or a half-precision dtype"
-           if weights_alone else "a smaller workload.batch_size or shorter lengths, "
-           "scoring.perplexity=false, or a card with more memory")
+    if weights_alone:
+        fix = "a card with more memory, a smaller model or a half-precision dtype"
+    elif hasattr(spec.backend, "enforce_eager"):  # vLLM: one max_model_len sequence's KV
+        fix = ("a smaller backend.max_model_len, a higher backend.gpu_memory_utilization, "
+               "or a card with more memory")
+    else:
+        fix = ("a smaller workload.batch_size or shorter lengths, scoring.perplexity=false, "
+               "or a card with more memory")
     raise ConfigError(
         f"{'model=' + str(spec.model.path or spec.model.name)} does not fit on "
         f"{hw.describe()}: the estimate is {p.total:,} bytes ({_gb(p.total)}: "

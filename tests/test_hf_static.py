@@ -136,3 +136,136 @@ def test_decode_graph_is_compiled_once_and_loaded_from_disk_next_time(tmp_path) 
     assert (tmp_path / "inductor" / "fxgraph").is_dir()
     assert not any((tmp_path / "elsewhere").rglob("*"))  # inductor made it, stored nothing
     assert second["ids"] == first["ids"]
+
+
+# ---------------------------------------------------------------- CUDA-graph safety
+# On CUDA ``compile_mode=auto`` is reduce-overhead: each compiled decode step is a CUDA graph
+# replay that writes its outputs into the same memory every time. This machine has no GPU
+# (and no test may need one), so no graph is ever captured here: the tests below check the
+# loop's side of the contract on the CPU (a step is marked before every compiled step, the
+# logits are copied out before the next replay, the cache's tensors are fixed addresses,
+# tokens unchanged under reduce-overhead). That a graph is captured and replayed on a GPU is
+# not shown by any test here.
+
+
+@pytest.fixture(scope="module")
+def four_layer_dir(model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The packaged model's first 4 layers (real weights, linked, not copied): a model that
+    still writes varied tokens, compiled in seconds rather than minutes."""
+    import json
+    from pathlib import Path
+
+    out = tmp_path_factory.mktemp("four_layers")
+    for f in Path(model_dir).iterdir():
+        if f.name != "config.json":
+            (out / f.name).symlink_to(f.resolve())
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    cfg["num_hidden_layers"] = 4
+    (out / "config.json").write_text(json.dumps(cfg))
+    return str(out)
+
+
+def _counting_mark_step(monkeypatch: pytest.MonkeyPatch, events: list[str]) -> None:
+    """Count ``torch.compiler.cudagraph_mark_step_begin`` calls, calling through."""
+    import torch
+
+    real = torch.compiler.cudagraph_mark_step_begin
+
+    def counting() -> None:
+        events.append("mark")
+        real()
+
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", counting)
+
+
+@pytest.mark.slow
+def test_reduce_overhead_static_loop_equals_generate(four_layer_dir: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """``backend.compile_mode=reduce-overhead`` (what ``auto`` is on CUDA), forced on the CPU:
+    the compiled static loop writes generate's greedy tokens, and marks a new CUDA-graph step
+    before each of its compiled decode steps (one per token after the prefill's)."""
+    events: list[str] = []
+    _counting_mark_step(monkeypatch, events)
+    prompts = [QUICK[0], QUICK[3] + " Answer in one short sentence.", QUICK[5]]
+    n = 10
+    ref, _, _ = _ids(four_layer_dir, GENERATE, DecodingConfig(), n, True, prompts)
+    assert events == []  # generate's own loop is not this loop's business
+    compiled = HFBackendConfig(cache_implementation="static", decode_loop="static",
+                               compile=True, compile_mode="reduce-overhead")
+    got, _, loop = _ids(four_layer_dir, compiled, DecodingConfig(), n, True, prompts)
+    assert loop == "static"
+    assert got == ref
+    assert len(set(got[0])) > 2  # varied tokens: the comparison means something
+    assert events == ["mark"] * (n - 1)
+
+
+class _ReplayLikeStep:
+    """Stands for a CUDA graph replay of the decode step, which a CPU cannot capture: it
+    runs the real forward, then returns its logits in ONE buffer that every call overwrites
+    (what a replay does with its outputs). It records each call, and checks that the loop
+    did not write into that buffer between replays (a graph output mutated in place)."""
+
+    def __init__(self, forward: object, events: list[str]) -> None:
+        self.forward = forward
+        self.events = events
+        self.buffer = None
+        self.snapshot = None
+
+    def __call__(self, **kw: object) -> object:
+        from types import SimpleNamespace
+
+        self.events.append("step")
+        if self.buffer is not None:
+            assert bool((self.buffer == self.snapshot).all()), "the loop wrote into the output"
+        logits = self.forward(**kw).logits  # type: ignore[operator]
+        if self.buffer is None:
+            self.buffer = logits.clone()
+        self.buffer.copy_(logits)
+        self.snapshot = logits.clone()
+        return SimpleNamespace(logits=self.buffer)
+
+
+@pytest.mark.slow
+def test_graph_steps_mark_each_step_and_copy_logits_out(four_layer_dir: str,
+                                                         monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    """The decoder with graph steps on: ``cudagraph_mark_step_begin`` right before every
+    compiled step, the step's logits copied before the loop touches them (EOS is masked in
+    place while ``min_new_tokens`` is not reached: on a replay's own output that would be
+    a write into graph memory), the cache's tensors tagged as static addresses, and the
+    same tokens as without graph steps."""
+    import torch
+
+    events: list[str] = []
+    _counting_mark_step(monkeypatch, events)
+    with HFBackend(four_layer_dir, ModelConfig(device="cpu"), STATIC, seed=3) as b:
+        m = b.model
+        reqs = make_requests(QUICK[:2], b.tokenizer, use_chat_template=True)
+        width = max(len(r.prompt_token_ids) for r in reqs)
+        ids = torch.full((2, width), 0, dtype=torch.long)
+        mask = torch.zeros((2, width), dtype=torch.long)
+        for i, r in enumerate(reqs):
+            ids[i, width - len(r.prompt_token_ids):] = torch.tensor(r.prompt_token_ids)
+            mask[i, width - len(r.prompt_token_ids):] = 1
+        eos = b._eos_ids()
+        n = 6
+
+        def run(dec: hst.StaticDecoder) -> list[list[int]]:
+            with torch.inference_mode():
+                new, _, _ = dec.run(ids, mask, max_new_tokens=n, decoding=DecodingConfig(),
+                                    eos_ids=eos, min_new_tokens=n, pad_id=0,
+                                    cache_len=hst.cache_length(width, n, None),
+                                    clock=lambda: 0.0)
+            return new.tolist()
+
+        eager = type(m).forward.__get__(m)
+        plain = run(hst.StaticDecoder(m, eager, m.forward))
+        assert events == []  # no graph steps, no marks (the CPU default)
+        dec = hst.StaticDecoder(m, eager, _ReplayLikeStep(m.forward, events),
+                                graph_steps=True)
+        assert run(dec) == plain
+        assert events == ["mark", "step"] * (n - 1)
+        cache = next(iter(dec._caches.values()))
+        assert hst.static_addresses(cache) == 3 * len(cache.layers)
+        assert all(getattr(layer.keys, "_dynamo_static_input_type", None)
+                   for layer in cache.layers)

@@ -8,6 +8,7 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
+from pipeline import hardware
 from pipeline.backends.hf import speculative as hs
 from pipeline.backends.hf import static as hst
 from pipeline.backends.hf.config import HFBackendConfig
@@ -79,6 +80,7 @@ class HFGeneration:
     tokenizer: Any
     draft: Any
     device: str
+    compile_mode: str
     compile_s: float | None
     compiled_graphs: int
     late_compiled_graphs: int
@@ -188,8 +190,9 @@ class HFGeneration:
         if dec is None or dec.model is not m:
             # prefill through the class's own (eager) forward; steps through the instance's,
             # which is the compiled one under backend.compile
-            dec = _DECODERS[id(m)] = hst.StaticDecoder(m, type(m).forward.__get__(m),
-                                                       m.forward)
+            dec = _DECODERS[id(m)] = hst.StaticDecoder(
+                m, type(m).forward.__get__(m), m.forward,
+                graph_steps=self.cfg.compile and self.compile_mode in hardware.CUDA_GRAPH_MODES)
         limit = getattr(m.config, "max_position_embeddings", None)
         new, t_start, times = dec.run(
             input_ids, mask, max_new_tokens=max_new_tokens, decoding=decoding,

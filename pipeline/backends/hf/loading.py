@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline import hardware
+from pipeline import gpu_memory, hardware
 from pipeline.backends.hf import quantization as hq
 from pipeline.backends.hf import speculative as hs
 from pipeline.backends.hf import static as hst
@@ -66,6 +66,9 @@ class HFLoading:
             self.cfg.attn_implementation
         )
         dtype = getattr(torch, dtype_name)
+        # an idle vLLM engine of an earlier job keeps gpu_memory_utilization of the card:
+        # it goes before this model loads (nothing on the CPU)
+        gpu_memory.free_gpu_for(type(self), self.device)
         trust = self.model_cfg.trust_remote_code
         m = self.model_cfg
         key = (self.model_dir, m.revision, trust, str(dtype), attn, m.weights,

@@ -16,6 +16,16 @@ growing attention mask: 18% of an hf_fast step, docs/performance.md). This loop 
 
 Greedy output equals ``generate``'s token for token in float32 (tests/test_hf_static.py);
 in bf16 both are correct and may round differently.
+
+**CUDA graphs** (a compiled step under ``reduce-overhead`` / ``max-autotune``, what
+``compile_mode=auto`` picks on CUDA): a replay writes its outputs into the same memory every
+time and the cache is a graph input mutated in place. The loop does what transformers does
+for its own compiled static-cache decoding: the cache's tensors are fixed addresses
+(``torch._dynamo.mark_static_address``, as transformers' ``StaticLayer`` tags them when it
+allocates them), each step's logits are copied out of the graph's memory before the next
+replay, and ``torch.compiler.cudagraph_mark_step_begin()`` starts each step, so a replay
+never overwrites a tensor still in use. On the CPU no graph is captured and the tokens are
+the same.
 """
 
 from __future__ import annotations
@@ -108,10 +118,13 @@ class StaticDecoder:
     reused (reset) across calls so a compiled forward sees the same buffers."""
 
     def __init__(self, model: Any, eager_forward: Callable[..., Any],
-                 step_forward: Callable[..., Any]) -> None:
+                 step_forward: Callable[..., Any], graph_steps: bool = False) -> None:
         self.model = model
         self.eager_forward = eager_forward
         self.step_forward = step_forward
+        #: the step forward is compiled in a mode that captures CUDA graphs (replays
+        #: overwrite their outputs; the loop marks steps and copies logits out)
+        self.graph_steps = graph_steps
         self._caches: dict[tuple[int, int], Any] = {}
 
     def _cache(self, batch: int, length: int) -> Any:
@@ -145,12 +158,14 @@ class StaticDecoder:
         tokens: list[Any] = []
         times: list[float] = []
         t_start = clock()
-        logits = self.eager_forward(input_ids=input_ids, attention_mask=mask,
-                                    position_ids=positions, past_key_values=cache,
-                                    use_cache=True).logits[:, -1]
+        logits = self._last(self.eager_forward(input_ids=input_ids, attention_mask=mask,
+                                               position_ids=positions, past_key_values=cache,
+                                               use_cache=True))
+        if self.graph_steps:  # allocated by the prefill (eager): fixed addresses from here
+            static_addresses(cache)
         pos = positions[:, -1:]
         for k in range(max_new_tokens):
-            scores = logits.float()
+            scores = logits
             if eos is not None and k < min_new_tokens:
                 scores[:, eos] = float("-inf")
             if sample:
@@ -169,7 +184,37 @@ class StaticDecoder:
                 break
             pos = pos + 1
             mask[:, width + k] = 1
-            logits = self.step_forward(input_ids=nxt[:, None], attention_mask=mask,
-                                       position_ids=pos, past_key_values=cache,
-                                       use_cache=True).logits[:, -1]
+            if self.graph_steps:
+                # a new step: the previous replay's outputs were copied out (``_last``), so
+                # cudagraph trees may overwrite them now
+                torch.compiler.cudagraph_mark_step_begin()
+            logits = self._last(self.step_forward(input_ids=nxt[:, None], attention_mask=mask,
+                                                  position_ids=pos, past_key_values=cache,
+                                                  use_cache=True))
         return torch.stack(tokens, 1), t_start, times
+
+    def _last(self, out: Any) -> Any:
+        """The last position's logits in float32 (what ``generate`` scores), copied out of
+        a CUDA graph's output memory when steps are graphs (the next replay overwrites it);
+        otherwise copied only where the dtype changes, as before."""
+        import torch
+
+        return out.logits[:, -1].to(dtype=torch.float32, copy=self.graph_steps)
+
+
+def static_addresses(cache: Any) -> int:
+    """Tag every allocated tensor of a static cache (keys, values, the position counter) as
+    a fixed address for torch.compile/CUDA graphs, as transformers' ``StaticLayer`` does when
+    it allocates them, so that a graph mutating them in place is captured and replayed
+    rather than skipped; returns how many tensors are tagged. Idempotent."""
+    import torch
+
+    n = 0
+    for layer in getattr(cache, "layers", ()):
+        for name in ("keys", "values", "cumulative_length"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                if getattr(t, "_dynamo_static_input_type", None) is None:
+                    torch._dynamo.mark_static_address(t)
+                n += 1
+    return n
