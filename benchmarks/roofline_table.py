@@ -1,13 +1,17 @@
-"""hf, hf_fast and vLLM side by side against this machine's roofline, in one run.
+"""hf, hf_fast, vLLM and llama.cpp side by side against this machine's roofline, in one run.
 
     python benchmarks/roofline_table.py [--batches 1,8] [--new-tokens 64] [--prompts 8]
-                                        [--dtype bfloat16] [--backends hf,hf_fast,vllm]
+                                        [--dtype bfloat16] [--backends hf,hf_fast,vllm,llamacpp]
 
 Runs the pipeline's own sweep (``run.py -m +experiment=fast_path`` with the arguments as
 overrides) into a throwaway output folder, so every figure is measured the way a job
 measures it (greedy, fixed length, prefill included, warm-up untimed), then prints one
 table: output tokens/s, the roofline for that batch and the share of it reached, compile
 time, plus where the sweep's wall time went and the machine (CPU flags, versions).
+
+Server backends (llamacpp, vllm_server) run as a second sweep whose ``batch`` is the
+number of requests in flight (``workload.concurrency``); llama.cpp's roofline divides by
+its GGUF's real bytes per parameter (Q4_1 for the packaged model), not by ``--dtype``.
 """
 
 from __future__ import annotations
@@ -25,11 +29,29 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.provenance import cpu_flags, cpu_model  # noqa: E402
 
+#: backends that serve requests online: swept over the requests in flight, not the batch
+SERVERS = ("llamacpp", "vllm_server")
+
 
 def run_sweep(args: argparse.Namespace, out: Path) -> float:
-    """The fast_path sweep with these settings; returns its wall time in seconds."""
+    """The fast_path sweep with these settings (a second one for the server backends);
+    returns the wall time in seconds."""
+    names = args.backends.split(",")
+    offline = [b for b in names if b not in SERVERS]
+    online = [b for b in names if b in SERVERS]
+    wall = 0.0
+    if offline:
+        wall += _sweep(args, out / "offline", ",".join(offline),
+                       [f"workload.batch_size={args.batches}"])
+    if online:
+        wall += _sweep(args, out / "online", ",".join(online),
+                       ["workload.batch_size=1", f"workload.concurrency={args.batches}"])
+    return wall
+
+
+def _sweep(args: argparse.Namespace, out: Path, backends: str, batching: list[str]) -> float:
     cmd = [sys.executable, "run.py", "-m", "+experiment=fast_path",
-           f"backend={args.backends}", f"workload.batch_size={args.batches}",
+           f"backend={backends}", *batching,
            f"workload.max_new_tokens={args.new_tokens}", f"workload.num_prompts={args.prompts}",
            f"model.dtype={args.dtype}", f"workload.repeats={args.repeats}",
            f"paths.output_dir={out}",
@@ -47,12 +69,14 @@ def run_sweep(args: argparse.Namespace, out: Path) -> float:
 def rows(out: Path) -> list[dict]:
     """One row per job of the sweep, from its results.json."""
     found = []
-    for f in sorted(out.glob("multirun/*/*/results.json")):
+    for f in sorted(out.glob("*/multirun/*/*/results.json")):
         r = json.loads(f.read_text())
         m, c = r.get("metrics", {}), r.get("config", {})
+        backend = (r.get("choices") or {}).get("backend") or c["backend"]["name"]
         found.append({
-            "backend": (r.get("choices") or {}).get("backend") or c["backend"]["name"],
-            "batch": c["workload"]["batch_size"], "status": r["status"],
+            "backend": backend,
+            "batch": c["workload"]["concurrency"] if backend in SERVERS
+            else c["workload"]["batch_size"], "status": r["status"],
             "loop": (r.get("applied") or {}).get("decode_loop") or "",
             "tok_s": m.get("output_tokens_per_s_repeat_mean", m.get("output_tokens_per_s")),
             "ci": m.get("output_tokens_per_s_ci95"), "roof": m.get("roofline_tokens_per_s"),
@@ -74,7 +98,7 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--backends", default="hf,hf_fast,vllm")
+    ap.add_argument("--backends", default="hf,hf_fast,vllm,llamacpp")
     ap.add_argument("--repeats", type=int, default=3,
                     help="measured repeats per job: tok/s is their mean +- 95%% CI")
     ap.add_argument("overrides", nargs="*",

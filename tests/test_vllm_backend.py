@@ -292,9 +292,14 @@ def test_token_parity_on_hand_made_records() -> None:
     assert out["exact_match_rate"] == 0.25
     assert first_divergence([], []) is None
     assert token_parity([], [])["exact_match_rate"] is None
-    # text without token ids (a server that sends none) is not a match of nothing
+    # text without token ids (a server that sends none) is not a match of nothing: not
+    # compared, and left out of the rate
     no_ids = [{"index": 0, "output_token_ids": [], "text": "hello", "error": None}]
-    assert token_parity(no_ids, no_ids)["exact_matches"] == 0
+    out = token_parity(no_ids, no_ids)
+    assert out["exact_matches"] == 0 and out["num_compared"] == 0
+    assert out["exact_match_rate"] is None and out["prompts"][0]["exact_match"] is None
+    mixed = token_parity([*no_ids, _rec(1, [1, 2])], [*no_ids, _rec(1, [1, 2])])
+    assert mixed["num_compared"] == 1 and mixed["exact_match_rate"] == 1.0
     empty = [{"index": 0, "output_token_ids": [], "text": "", "error": None}]
     assert token_parity(empty, empty)["exact_matches"] == 1  # both generated nothing
 

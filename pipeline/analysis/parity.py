@@ -38,11 +38,13 @@ def token_parity(a_records: list[dict], b_records: list[dict]) -> dict[str, Any]
     """Compare the generated token ids of two jobs' ``requests`` lists, prompt by prompt.
 
     Records are matched by ``index``. A prompt missing from either side, or failed on
-    either side, counts as compared and not matching (first divergence 0); so does one
-    whose token ids are missing where text was generated (a server that sends text only:
-    equal empty id lists would otherwise read as a match of nothing). Returns
-    ``prompts`` (per index: ``exact_match``, ``first_divergence``, token counts),
-    ``num_prompts``, ``exact_matches`` and ``exact_match_rate`` (``None`` with no prompts).
+    either side, counts as compared and not matching (first divergence 0). One whose token
+    ids are missing where text was generated (a server that streams text only) is not
+    compared: ``exact_match`` None, left out of the rate (equal empty id lists would
+    otherwise read as a match of nothing, and re-tokenized text is not what was
+    generated). Returns ``prompts`` (per index: ``exact_match``, ``first_divergence``,
+    token counts), ``num_prompts``, ``num_compared``, ``exact_matches`` and
+    ``exact_match_rate`` (over the compared prompts; ``None`` when none was compared).
     """
     a = {r["index"]: r for r in a_records}
     b = {r["index"]: r for r in b_records}
@@ -54,20 +56,22 @@ def token_parity(a_records: list[dict], b_records: list[dict]) -> dict[str, Any]
             row.update(exact_match=False, first_divergence=0,
                        note="missing or failed on one side")
         elif any(not r.get("output_token_ids") and r.get("text") for r in (ra, rb)):
-            row.update(exact_match=False, first_divergence=0,
-                       note="text without token ids on one side: nothing to compare")
+            row.update(exact_match=None, first_divergence=None,
+                       note="text without token ids on one side: not compared")
         else:
             ta, tb = list(ra["output_token_ids"]), list(rb["output_token_ids"])
             div = first_divergence(ta, tb)
             row.update(exact_match=div is None, first_divergence=div,
                        a_tokens=len(ta), b_tokens=len(tb))
         prompts.append(row)
-    matches = sum(p["exact_match"] for p in prompts)
+    compared = [p for p in prompts if p["exact_match"] is not None]
+    matches = sum(bool(p["exact_match"]) for p in compared)
     return {
         "prompts": prompts,
         "num_prompts": len(prompts),
+        "num_compared": len(compared),
         "exact_matches": matches,
-        "exact_match_rate": matches / len(prompts) if prompts else None,
+        "exact_match_rate": matches / len(compared) if compared else None,
     }
 
 
@@ -123,7 +127,7 @@ def sweep_parity(sweep_dir: Path) -> dict[str, Any] | None:
     if not pairs:
         return None
     pooled = [p for p in pairs if p["deterministic"]]
-    n = sum(p["num_prompts"] for p in pooled)
+    n = sum(p["num_compared"] for p in pooled)
     out = {
         "sweep_dir": str(sweep_dir),
         "pairs": pairs,
@@ -137,15 +141,18 @@ def parity_lines(parity: Mapping[str, Any]) -> list[str]:
     """One line per compared pair, for the terminal."""
     lines = []
     for p in parity["pairs"]:
-        divs = [r["first_divergence"] for r in p["prompts"] if not r["exact_match"]]
+        divs = [r["first_divergence"] for r in p["prompts"] if r["exact_match"] is False]
         where = f"; first divergence at token {min(divs)}" if divs else ""
         note = "" if p["deterministic"] else " (sampled: parity not expected)"
         rate = p["exact_match_rate"]
         label = " ".join(p["overrides"]) or f"decoding={p['decoding']}"
+        head = (f"parity {p['a']['backend']} (job {p['a']['job']}) vs {p['b']['backend']} "
+                f"(job {p['b']['job']}), {label}: ")
+        if not p["num_compared"] and p["num_prompts"]:
+            lines.append(head + "not compared (one side returned text without token ids)")
+            continue
         lines.append(
-            f"parity {p['a']['backend']} (job {p['a']['job']}) vs {p['b']['backend']} "
-            f"(job {p['b']['job']}), {label}: "
-            f"{p['exact_matches']}/{p['num_prompts']} prompts identical"
+            head + f"{p['exact_matches']}/{p['num_compared']} prompts identical"
             f"{f' ({rate:.0%})' if rate is not None else ''}{where}{note}"
         )
     return lines

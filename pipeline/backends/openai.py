@@ -279,6 +279,10 @@ class OpenAIBackend(Backend):
 
     # ------------------------------------------------------------------ requests
 
+    def endpoint(self) -> str:
+        """The URL every request of a job is posted to."""
+        return f"{self.base_url}/{'chat/completions' if self.api == 'chat' else 'completions'}"
+
     def prompt_format(self) -> str:
         """``token_ids`` (identical tokens to every other backend) where the server takes
         them, else ``text``; the chat API always takes messages."""
@@ -336,7 +340,7 @@ class OpenAIBackend(Backend):
         base = openai_body(decoding, max_new_tokens, fixed_length, self.seed, self.api,
                            extensions=self.extensions, backend=self.name)
         self._check_length(requests, max_new_tokens)
-        url = f"{self.base_url}/{'chat/completions' if self.api == 'chat' else 'completions'}"
+        url = self.endpoint()
         stream_reqs = [
             StreamRequest(index=r.index, prompt=r.prompt, url=url, body=self._payload(r, base),
                           prompt_tokens=len(r.prompt_token_ids), api=self.api)

@@ -40,7 +40,9 @@ class ModelConfig:
     gguf_package: str | None = None
     """``source=packaged``: the installed Python package holding the GGUF file."""
     gguf_file: str | None = None
-    """``source=packaged``: the GGUF file's name inside ``gguf_package``."""
+    """``source=packaged``: the GGUF file's name inside ``gguf_package``. ``source=hf``: the
+    path of a GGUF of the same model, which ``backend=llamacpp`` runs (the other backends
+    ignore it); null there refuses ``backend=llamacpp``."""
     dtype: str = "float32"
     """Weight and compute dtype: ``float32``, ``bfloat16``, ``float16`` or ``auto`` (float32
     on the CPU, bfloat16 on CUDA compute capability >= 8.0, float16 below). A backend's own

@@ -40,7 +40,7 @@ DOC_PATH = ROOT / "docs" / "settings.md"
 
 #: the backends a user picks with ``backend=NAME`` that get a section of their own; the
 #: other yamls in ``conf/backend/`` are presets of these (listed with the presets)
-SHIPPED_BACKENDS = ("hf", "hf_fast", "vllm", "vllm_server", "openai")
+SHIPPED_BACKENDS = ("hf", "hf_fast", "vllm", "vllm_server", "llamacpp", "openai")
 
 #: (section, key prefix, schema, intro) of the core tables, in page order
 CORE_SECTIONS: tuple[tuple[str, str, type, str], ...] = (

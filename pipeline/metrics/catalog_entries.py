@@ -133,8 +133,9 @@ ENTRIES: tuple[Entry, ...] = (
     E("kv_cache_blocks", "blocks", "vLLM: KV-cache blocks the engine allocated.", NEUTRAL,
       "pipeline/backends/vllm/ (the engine's config, or the server's /metrics)", MEMORY),
     E("kv_cache_tokens", "tokens", "vLLM: KV-cache capacity in tokens (blocks x block "
-      "size).", NEUTRAL, "pipeline/backends/vllm/ (the engine's config, or the server's /metrics)",
-      MEMORY),
+      "size); llamacpp: the server's context (``backend.n_ctx``, one pool for all slots).",
+      NEUTRAL, "pipeline/backends/vllm/ (the engine's config, or the server's /metrics); "
+      "pipeline/backends/llamacpp/ (the server's /v1/models)", MEMORY),
     # ------------------------------------------------------------------ quality
     E("perplexity", "", "`exp(sum nll / sum tokens)` over the continuation tokens only "
       "(prompt labels masked) under the scorer model (default: the generating weights).",
@@ -219,10 +220,12 @@ ENTRIES: tuple[Entry, ...] = (
       LOWER, "pipeline/backends/vllm/, backend=vllm", PHASES),
     E("engine_reused", "0/1", "vllm: 1 when the job reused an engine an earlier job of the "
       "process started.", NEUTRAL, "pipeline/backends/vllm/, backend=vllm", PHASES),
-    E("server_start_s", "s", "vllm_server: server start-up time, when this job started it.",
-      LOWER, "pipeline/backends/vllm/, backend=vllm_server", PHASES),
-    E("server_reused", "0/1", "vllm_server: 1 when the job reused a running server of the "
-      "sweep.", NEUTRAL, "pipeline/backends/vllm/, backend=vllm_server", PHASES),
+    E("server_start_s", "s", "vllm_server, llamacpp: server start-up time, when this job "
+      "started it.", LOWER, "pipeline/backends/vllm/, backend=vllm_server or llamacpp",
+      PHASES),
+    E("server_reused", "0/1", "vllm_server, llamacpp: 1 when the job reused a running server "
+      "of the sweep.", NEUTRAL, "pipeline/backends/vllm/, backend=vllm_server or llamacpp",
+      PHASES),
     # ------------------------------------------------------------------ serving points
     E("points_run", "points", "Load profile: points run.", NEUTRAL, PROFILE, SERVING),
     E("points_invalid", "points", "Load profile: points flagged invalid (the client did not "

@@ -9,8 +9,9 @@ choices (not the trailing usage chunk).
 
 Output and prompt token counts come from the server's ``usage`` (``stream_options:
 {"include_usage": true}``), never from re-tokenising text. Output token ids are kept only
-when the server sends them (vLLM's ``return_token_ids``) and they add up to the usage
-count.
+when the server sends them (vLLM's ``return_token_ids``, llama.cpp's ``return_tokens``) and
+they add up to the usage count. llama.cpp's own ``/completion`` stream (``content``,
+``tokens``, ``stop``, counts in its last event) is read into the same state.
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ def on_event(ev: dict[str, Any], st: StreamState, api: str, now: float) -> None:
         return
     if ev.get("usage"):
         st.usage = ev["usage"]
+    if "choices" not in ev and "content" in ev:
+        ev = _llamacpp_event(ev, st)
     choices = ev.get("choices") or []
     if not choices:
         return
@@ -107,6 +110,22 @@ def on_event(ev: dict[str, Any], st: StreamState, api: str, now: float) -> None:
     st.t_last = now
     if ch.get("finish_reason") is not None:
         st.finish_reason = ch["finish_reason"]
+
+
+#: llama.cpp's ``stop_type`` -> the OpenAI ``finish_reason``
+_STOP_TYPES = {"limit": "length", "eos": "stop", "word": "stop"}
+
+
+def _llamacpp_event(ev: dict[str, Any], st: StreamState) -> dict[str, Any]:
+    """One event of llama.cpp's own ``/completion`` stream as an OpenAI completions chunk;
+    its last event's counts become ``st.usage``."""
+    choice: dict[str, Any] = {"text": ev.get("content") or "", "token_ids": ev.get("tokens")}
+    if ev.get("stop"):
+        choice["finish_reason"] = _STOP_TYPES.get(ev.get("stop_type"), "stop")
+        if "tokens_predicted" in ev:
+            st.usage = {"completion_tokens": ev["tokens_predicted"],
+                        "prompt_tokens": ev.get("tokens_evaluated")}
+    return {"choices": [choice]}
 
 
 def stream_record(

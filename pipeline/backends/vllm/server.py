@@ -186,7 +186,11 @@ class VLLMServerBackend(VLLMPlugins, OpenAIBackend):
         super().load()
         self._read_server_info()
 
-    def _start(self, key: tuple, env: dict[str, str]) -> VLLMServer:
+    #: how the server's messages and log files name it
+    server_backend, server_engine = "vllm_server", "vLLM"
+
+    def _prepare_device(self) -> None:
+        """Make room on the device before the server starts."""
         from pipeline.devices import cuda_present
 
         # the server's vLLM build runs on CUDA where a GPU is visible: a cached HF model
@@ -194,11 +198,15 @@ class VLLMServerBackend(VLLMPlugins, OpenAIBackend):
         prepare_gpu_for_engine(type(self), "cuda" if cuda_present() else "cpu",
                                self.server_cfg.gpu_memory_utilization,
                                self.server_cfg.tensor_parallel_size)
+
+    def _start(self, key: tuple, env: dict[str, str]) -> VLLMServer:
+        self._prepare_device()
         port = free_port()
         log_dir = Path(self.server_cfg.log_dir).expanduser().resolve()
         stamp = time.strftime("%Y%m%d-%H%M%S")
         server = VLLMServer(key=key, env=env, cmd=self.server_command(port),
-                            log_path=log_dir / f"vllm_server-{stamp}-{port}.log", port=port)
+                            log_path=log_dir / f"{self.server_backend}-{stamp}-{port}.log",
+                            port=port, backend=self.server_backend, engine=self.server_engine)
         self._log_offset = 0
         try:
             server.start(self.server_cfg.startup_timeout_s)
@@ -264,7 +272,7 @@ class VLLMServerBackend(VLLMPlugins, OpenAIBackend):
     def _check_server(self, when: str, records: list[RequestRecord] | None = None) -> None:
         s = self.server
         if s is None:
-            raise RuntimeError("backend vllm_server: load() first")
+            raise RuntimeError(f"backend {self.server_backend}: load() first")
         if records and any(not r.ok for r in records) and s.proc is not None:
             # A killed server's sockets close a moment before its exit status can be read:
             # give the failures the chance to be blamed on the death they came from.
@@ -276,8 +284,9 @@ class VLLMServerBackend(VLLMPlugins, OpenAIBackend):
         failed = sum(not r.ok for r in records or [])
         counts = f"; {failed}/{len(records)} requests failed" if records else ""
         raise ServingFailed(
-            f"backend vllm_server: the vLLM server (pid {s.pid}) exited with code {rc} "
-            f"{when}{counts}; last lines of {s.log_path}:\n{s.log_tail(15)}", records)
+            f"backend {self.server_backend}: the {self.server_engine} server (pid {s.pid}) "
+            f"exited with code {rc} {when}{counts}; last lines of {s.log_path}:\n"
+            f"{s.log_tail(15)}", records)
 
     # ------------------------------------------------------------------ read-back
 

@@ -62,12 +62,16 @@ def _die_with_parent() -> None:
 
 @dataclass
 class VLLMServer(Shared):
-    """One vLLM API server process: start, health-wait, log access and stop."""
+    """One OpenAI-compatible API server process (vLLM's, or another engine's started the
+    same way): start, health-wait, log access and stop."""
 
     cmd: list[str]
     log_path: Path
     port: int
     host: str = "127.0.0.1"
+    #: how messages name it: the backend and the engine
+    backend: str = "vllm_server"
+    engine: str = "vLLM"
     proc: subprocess.Popen | None = None
     start_s: float | None = None
     info: dict[str, Any] = field(default_factory=dict)
@@ -112,15 +116,15 @@ class VLLMServer(Shared):
         )
         SERVERS.track(self)
         _install_signal_handlers()
-        log.info("started vLLM server pid %d on %s; log %s", self.proc.pid, self.base_url,
-                 self.log_path)
+        log.info("started %s server pid %d on %s; log %s", self.engine, self.proc.pid,
+                 self.base_url, self.log_path)
         try:
             self._wait_healthy(timeout_s)
         except BaseException:
             self.stop()
             raise
         self.start_s = time.perf_counter() - t0
-        log.info("vLLM server healthy after %.1f s", self.start_s)
+        log.info("%s server healthy after %.1f s", self.engine, self.start_s)
 
     def _wait_healthy(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -130,7 +134,8 @@ class VLLMServer(Shared):
             if rc is not None:
                 tail = self.log_tail()
                 raise RuntimeError(
-                    f"backend vllm_server: the vLLM server exited with code {rc} before it "
+                    f"backend {self.backend}: the {self.engine} server exited with code {rc} "
+                    f"before it "
                     f"became healthy ({last_error_line(tail)}); last lines of "
                     f"{self.log_path}:\n{tail}"
                 )
@@ -140,7 +145,8 @@ class VLLMServer(Shared):
                     return
             if time.monotonic() >= deadline:
                 raise RuntimeError(
-                    f"backend vllm_server: the vLLM server did not become healthy within "
+                    f"backend {self.backend}: the {self.engine} server did not become "
+                    f"healthy within "
                     f"backend.startup_timeout_s={timeout_s:g} s; last lines of "
                     f"{self.log_path}:\n{self.log_tail()}"
                 )
