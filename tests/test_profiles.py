@@ -316,5 +316,12 @@ def test_sweep_on_a_real_vllm_server(server: Any) -> None:
         # leaves no engine keys at all)
         assert p["engine_metrics_samples"] >= 1 and "engine_kv_cache_usage_max" in p
     assert points[0]["peak_concurrency"] == 1 and points[1]["peak_concurrency"] == 4
-    assert m["points_run"] == 3 and m["max_rate_under_slo"] > 0
+    assert m["points_run"] == 3
+    # the one rate point is offered the max point's throughput: it sits at capacity, so
+    # whether it keeps up is the machine's noise (the capacity answer itself is checked
+    # against a stub of known capacity in test_profile_capacity.py); the answer must be
+    # that point's achieved rate when it passed, and nothing when it did not
+    rate = points[2]
+    passed = rate["slo_met"] and not rate["saturated"] and rate["valid"]
+    assert m["max_rate_under_slo"] == (rate["achieved_rate"] if passed else 0.0)
 
