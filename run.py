@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig
@@ -17,12 +18,16 @@ register_configs()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> None:
-    """Hand the composed config to the job; config errors exit 2 in one line."""
+def main(cfg: DictConfig) -> dict[str, Any]:
+    """Hand the composed config to the job; config errors exit 2 in one line. Returns the
+    job's status, metrics and error (what a search sweeper reads from Hydra's
+    ``JobReturn.return_value``; small, so that it crosses process boundaries cheaply)."""
     from pipeline.job import run_job
 
     try:
-        run_job(cfg)
+        result = run_job(cfg)
+        return {"job_num": result.job_num, "status": result.status,
+                "metrics": dict(result.metrics), "error": result.error}
     except ConfigError as e:  # UnsupportedDecoding included
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -23,7 +23,7 @@ from pipeline.backends import make_backend
 from pipeline.config import Config
 from pipeline.errors import ConfigError, JobFailed
 from pipeline.job_checks import check_inputs, check_memory_before_load
-from pipeline.job_measure import job_roofline, measure, measure_machine_early
+from pipeline.job_measure import job_roofline, measure, measure_machine_early, recorded_params
 from pipeline.job_results import (
     finished_before,
     finished_here,
@@ -43,8 +43,9 @@ log = logging.getLogger(__name__)
 
 
 def config_hash(resolved: dict[str, Any]) -> str:
-    """Stable hash of the resolved job config (paths and tracking settings excluded)."""
-    skip = ("paths", "tracking", "print_table", "dry_run", "resume")
+    """Stable hash of the resolved job config (paths and tracking settings excluded, and
+    what a search optimizes: the job measured is the same)."""
+    skip = ("paths", "tracking", "print_table", "dry_run", "resume", "search")
     core = {k: v for k, v in resolved.items() if k not in skip}
     return hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -224,7 +225,9 @@ def _execute(spec: Config, prepared: PreparedRequests, timer: PhaseTimer, result
             metrics.update(score(spec, model_dir, backend, records, requests))
         metrics.update(backend.extra_metrics())
         results.applied = {**backend.applied_settings(), **adapter_settings(spec.model),
-                           "prompt_rendering": prepared.prompt_rendering}
+                           "prompt_rendering": prepared.prompt_rendering,
+                           # the price the cost figures used and the energy counter read
+                           **recorded_params(spec, metrics)}
         metrics.update(job_roofline(spec, backend.online, results.applied, metrics,
                                  len(requests), model_dir, results.provenance))
     finally:

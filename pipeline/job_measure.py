@@ -1,5 +1,6 @@
 """Measuring a loaded backend: the warm-up, the measured repeats and their performance
-metrics, the machine's rates before loading, and the job's roofline figures."""
+metrics, energy and cost, the machine's rates before loading, and the job's roofline
+figures."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from typing import Any
 
 from pipeline.backends.base import Backend
 from pipeline.config import Config
+from pipeline.measure.energy import SOURCE_PARAM, EnergyMeter, source_for_device
 from pipeline.measure.memory import PeakRSSSampler, cuda_peaks, cuda_reset_peaks
 from pipeline.measure.timing import PhaseTimer, clock
-from pipeline.metrics import performance
+from pipeline.metrics import cost, performance
 from pipeline.records import RequestRecord
 from pipeline.workload import annotate_records, arrival_offsets, batches
 
@@ -27,7 +29,12 @@ def measure(backend: Backend, spec: Config, requests: list, timer: PhaseTimer,
     if backend.online and w.profile != "fixed":
         from pipeline.serving.runner import run_profile
 
-        return run_profile(backend, spec, requests, timer, load_points)
+        # the meter spans the profile's warm-up request(s) too: they run inside run_profile
+        with EnergyMeter(job_device(spec)) as energy:
+            records, metrics = run_profile(backend, spec, requests, timer, load_points)
+        metrics.update(energy.metrics(_output_tokens(records)))
+        metrics.update(job_cost(spec, metrics, load_points))
+        return records, metrics
     groups = batches(requests, w.batch_size)
     gen = dict(max_new_tokens=w.max_new_tokens, fixed_length=w.fixed_length)
     send_at = arrival_offsets(len(requests), w.request_rate, w.arrival, w.burstiness, spec.seed)
@@ -60,7 +67,8 @@ def measure(backend: Backend, spec: Config, requests: list, timer: PhaseTimer,
     walls: list[float] = []
     cuda_reset_peaks()
     with PeakRSSSampler(spec.measure.rss_sample_interval_s,
-                        extra_pids=backend.child_pids) as mem:
+                        extra_pids=backend.child_pids) as mem, \
+            EnergyMeter(job_device(spec)) as energy:
         for k in range(w.repeats):
             with timer.phase("generate"):
                 t0 = clock(backend.sync)
@@ -92,7 +100,41 @@ def measure(backend: Backend, spec: Config, requests: list, timer: PhaseTimer,
     metrics.update({k: float(v) for k, v in cuda.items()})
     metrics.update(above_load(at_load, mem.peak_bytes, cuda))
     metrics["measured_wall_s"] = sum(walls)
+    metrics.update(energy.metrics(_output_tokens(all_records)))
+    metrics.update(job_cost(spec, metrics))
     return first, metrics
+
+
+def _output_tokens(records: list[RequestRecord]) -> int:
+    return sum(r.output_tokens for r in records if r.ok)
+
+
+def job_device(spec: Config) -> str:
+    """``cuda`` or ``cpu``: where the job runs (``model.device``, ``auto`` resolved), which
+    decides the energy counter (:func:`pipeline.measure.energy.source_for_device`)."""
+    from pipeline.devices import resolve_device
+
+    return "cuda" if resolve_device(spec.model.device) == "cuda" else "cpu"
+
+
+def job_cost(spec: Config, metrics: dict[str, float],
+             load_points: list | None = None) -> dict[str, float]:
+    """The job's cost per million output tokens (:mod:`pipeline.metrics.cost`) at its
+    price; for a load profile also at the highest point that met the SLOs."""
+    from pipeline.serving.points import slo_point
+
+    best = slo_point(load_points) if load_points else None
+    return cost.cost_metrics(cost.resolve_price(spec.cost, spec.target), metrics,
+                             best["output_tokens_per_s"] if best is not None else None)
+
+
+def recorded_params(spec: Config, metrics: dict[str, float]) -> dict[str, str]:
+    """Params the run records beside its config: the price its cost figures used and
+    where it came from, and which counter measured its energy."""
+    out = cost.price_params(cost.resolve_price(spec.cost, spec.target))
+    if "energy_j" in metrics:
+        out[SOURCE_PARAM] = source_for_device(job_device(spec))
+    return out
 
 
 def _progress(items: list, desc: str) -> Any:

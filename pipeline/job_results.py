@@ -82,7 +82,11 @@ def track(spec: Config, results: JobResult, job_dir: Path, sweep_dir: Path | Non
               "without its sweep's parent run (is paths.output_dir absolute and shared?)",
               file=sys.stderr)
     try:
-        run_id = log_job(spec, results, job_dir, parent, flatten(spec))
+        from pipeline.job_measure import recorded_params
+
+        # the price used and the energy counter go beside the config's own params
+        params = {**flatten(spec), **recorded_params(spec, results.metrics)}
+        run_id = log_job(spec, results, job_dir, parent, params)
         results.mlflow_run_id = run_id
     except Exception as e:
         print(f"warning: MLflow logging failed ({str(e).splitlines()[0] if str(e) else e!r}); "
@@ -103,6 +107,11 @@ def print_summary(results: JobResult, spec: Config) -> None:
     applied = results.applied
     if applied:
         print("applied: " + ", ".join(f"{k}={v}" for k, v in applied.items()))
+    from pipeline.job_measure import recorded_params
+
+    recorded = recorded_params(spec, results.metrics)
+    if recorded:
+        print("recorded: " + ", ".join(f"{k}={v}" for k, v in recorded.items()))
     if spec.tracking.enabled and results.mlflow_run_id:
         uri = tracking_uri(spec)
         try:  # the run's URL needs its experiment's id

@@ -132,3 +132,55 @@ def test_optimizations_read_only_where_they_apply() -> None:
     assert gate.comparable_key(seeded) != gate.comparable_key(vllm.config)
     same = {**vllm.config, "backend": {**vllm.config["backend"], "seed": vllm.config["seed"]}}
     assert gate.comparable_key(same) == gate.comparable_key(vllm.config)
+
+
+def test_gguf_quant_pairs_every_llamacpp_arm_with_hf() -> None:
+    """+experiment=gguf_quant on an HF folder: each arm bundles a backend and its
+    gguf_type, and the gate checks every llama.cpp conversion against the one hf job (with
+    KL asked for: another backend; llama.cpp's side cannot score, so it is reported as not
+    available)."""
+    jobs = _sweep("gguf_quant", "model=hf", "model.path=/models/my_llama")
+    labels = {id(r): _label(c) for c, r in jobs}
+    assert [r.config["backend"]["name"] for _, r in jobs] == ["hf"] + ["llamacpp"] * 3
+    found = gate.find_pairs([(Path(str(r.job_num)), r) for _, r in jobs])
+    assert {labels[id(o[1])]: labels[id(b[1])] for b, o in found} == {
+        f"+gguf_arm={t}": "+gguf_arm=hf" for t in ("F16", "Q8_0", "Q4_0")}
+    for b, o in found:
+        on = gate.gated_optimizations(b[1].config, o[1].config)
+        assert on["backend"] == "llamacpp"
+        assert on["gguf_type"] == o[1].config["backend"]["gguf_type"]
+        assert gate.kl_informative(b[1].config, o[1].config)
+        assert not gate.can_score(o[1].config)
+    # gguf_type: null is F16 on a folder, F32 is no quantization, and a GGUF used as it is
+    # (the packaged model's) is no conversion at all
+    f16 = jobs[1][1].config
+    cases = {None: True, "F32": False}
+    for value, on in cases.items():
+        c = {**f16, "backend": {**f16["backend"], "gguf_type": value}}
+        assert ("gguf_type" in gate.optimizations_on(c)) is on, value
+    packaged = {**f16, "model": {**f16["model"], "source": "packaged", "gguf_file": "m.gguf"},
+                "backend": {**f16["backend"], "gguf_type": None}}
+    assert "gguf_type" not in gate.optimizations_on(packaged)
+
+
+def test_report_says_once_when_a_gguf_pair_holds_the_same_weights() -> None:
+    """llama.cpp on the packaged GGUF against hf on its de-quantized folder: the table
+    says that the pair measures llama.cpp's numerics, not quantization loss; a converted
+    folder's pair does not get the line."""
+    from pipeline.report import gate_table
+    from tests.conftest import job_run, sweep_data
+
+    def jobs(origin: str) -> list:
+        base, opt = job_run(0, "greedy", "1.0", 10.0, 100.0), job_run(1, "greedy", "1.0",
+                                                                     20.0, 50.0)
+        opt.tags.update(gate_verdict="degraded", gate_baseline_job="0",
+                        gate_optimizations="backend=llamacpp")
+        opt.results["applied"] = {"gguf_origin": origin}
+        return [base, opt]
+
+    (_, blocks), = gate_table.sections(sweep_data(jobs("packaged")))
+    texts = [b for kind, b in blocks if kind == "text"]
+    assert texts.count(gate_table.SAME_WEIGHTS) == 1
+    assert "same weights: this measures llama.cpp's numerics" in gate_table.SAME_WEIGHTS
+    (_, blocks), = gate_table.sections(sweep_data(jobs("converted")))
+    assert gate_table.SAME_WEIGHTS not in [b for kind, b in blocks if kind == "text"]

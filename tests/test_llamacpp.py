@@ -17,7 +17,7 @@ import pytest
 
 from pipeline.config import DecodingConfig
 from pipeline.records import Request
-from tests.conftest import run_cli
+from tests.conftest import CACHE_DIR, run_cli
 
 pytest.importorskip("xllamacpp")
 
@@ -146,12 +146,34 @@ def test_refused_before_start_with_exit_code_2(overrides: list[str], needle: str
     assert {p.pid for p in llamacpp_procs()} <= before
 
 
-@pytest.mark.slow
-def test_hf_folder_without_a_gguf_is_refused(model_dir: str, tmp_path: Path) -> None:
-    p = run_cli("backend=llamacpp", "model=hf", f"model.path={model_dir}",
-                f"paths.output_dir={tmp_path}", timeout=120)
-    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
-    assert "model.gguf_file=None is invalid for backend=llamacpp" in p.stdout + p.stderr
+def test_hf_folder_is_converted_at_load_and_what_cannot_convert_is_refused(
+        model_dir: str, tmp_path: Path) -> None:
+    """An HF folder is accepted (converted at load, never in the checks: no GGUF is
+    written here); a non-llama folder, chat on a converted GGUF, K-quants and a type for
+    a GGUF used as it is are refused before anything starts."""
+    import shutil
+
+    from pipeline.job_checks import check_inputs
+    from tests.conftest import assert_refused_early, compose_config
+
+    hf = ["backend=llamacpp", "model=hf", f"model.path={model_dir}"]
+    spec, _ = check_inputs(compose_config(*hf, f"paths.cache_dir={tmp_path}"))
+    assert spec.backend.gguf_type is None and not (tmp_path / "gguf").exists()
+    other = tmp_path / "gpt2"
+    other.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(model_dir) / f, other / f)
+    (other / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"],
+                                                   "model_type": "gpt2"}))
+    assert_refused_early([
+        (["backend=llamacpp", "model=hf", f"model.path={other}"],
+         "its architecture GPT2LMHeadModel is not converted to GGUF here"),
+        ([*hf, "backend.api=chat"],
+         "backend.api='chat' is invalid for backend=llamacpp on an HF folder converted"),
+        ([*hf, "backend.gguf_type=Q4_K_M"], "K-quants such as Q4_K_M need llama.cpp's"),
+        (["backend=llamacpp", "backend.gguf_type=Q8_0"],
+         "backend.gguf_type='Q8_0' is invalid with the packaged model's GGUF"),
+    ])
 
 
 @pytest.mark.slow
@@ -193,3 +215,48 @@ def test_llamacpp_native_stream_events_read_like_openai_chunks() -> None:
     r = stream_record(req, st, 0.0, 2.0, None)
     assert r.output_token_ids == [] and r.output_tokens == 1
     assert r.extra["finish_reason"] == "stop"
+
+
+@pytest.mark.slow
+def test_gguf_quant_preset_end_to_end(model_dir: str, tmp_path: Path) -> None:
+    """+experiment=gguf_quant on the packaged model's HF folder at tiny settings: hf and
+    llama.cpp on its F16, Q8_0 and Q4_0 conversions (kept in the repo's cache, so later
+    runs skip converting). Every llama.cpp job is gated against the hf job, without KL
+    (llama.cpp cannot score sequences), and the F16 conversion generates hf's greedy tokens
+    (measured: all 8 tokens of both prompts identical; asserted: the first 4)."""
+    import mlflow
+
+    out = tmp_path / "outputs"
+    p = run_cli("-m", "+experiment=gguf_quant", "model=hf", f"model.path={model_dir}",
+                "workload.num_prompts=2", "workload.max_new_tokens=8", "workload.warmup=0",
+                f"paths.output_dir={out}", f"paths.cache_dir={CACHE_DIR}", timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    sweep = next(out.glob("multirun/*"))
+    results = {n: json.loads((sweep / str(n) / "results.json").read_text()) for n in range(4)}
+    assert [r["status"] for r in results.values()] == ["FINISHED"] * 4
+    types = {n: r["applied"].get("gguf_type") for n, r in results.items()}
+    assert types == {0: None, 1: "F16", 2: "Q8_0", 3: "Q4_0"}
+    for n in (1, 2, 3):  # the server ran the converted file of that type
+        applied = results[n]["applied"]
+        assert applied["gguf_ftype"].startswith(types[n]) and applied["gguf_origin"] == \
+            "converted"
+        assert Path(applied["gguf_file"]).parent == CACHE_DIR / "gguf"
+    gate = json.loads((sweep / "gate.json").read_text())
+    pairs = {pp["optimized"]["job"]: pp for pp in gate["pairs"]}
+    assert sorted(pairs) == [1, 2, 3]
+    for n, pp in pairs.items():
+        assert pp["baseline"]["job"] == 0 and pp["optimizations"]["gguf_type"] == types[n]
+        assert pp["verdict"] in ("equivalent", "numerics", "degraded", "unverified")
+        assert pp["mean_kl"] is None and pp["kl_positions"] == 0  # no KL: not available
+        assert pp["ppl_delta"] is not None  # perplexity is the fallback it judges by
+    hf_ids = [r["output_token_ids"] for r in results[0]["requests"]]
+    f16_ids = [r["output_token_ids"] for r in results[1]["requests"]]
+    assert len(hf_ids) == 2 and all(a[:4] == b[:4] for a, b in zip(hf_ids, f16_ids,
+                                                                     strict=True))
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{out / 'mlflow' / 'mlflow.db'}")
+    runs = client.search_runs(client.search_experiments()[0].experiment_id)
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    for n in (1, 2, 3):
+        assert f"gate.job{n}.verdict_code" in parent.data.metrics
+        assert f"gate.job{n}.mean_kl" not in parent.data.metrics
+        assert parent.data.tags[f"gate.job{n}.verdict"] == pairs[n]["verdict"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pipeline.config.validation import fail
 
-GROUPS = ("model", "backend", "decoding", "workload", "experiment", "target")
+GROUPS = ("model", "backend", "decoding", "workload", "experiment", "target", "gguf_arm")
 
 
 def check_group_choices(argv: list[str], conf_dir: Path) -> None:

@@ -182,6 +182,63 @@ class MeasureConfig:
     high-water mark (each sample stalls a 2-core machine a little); > 0."""
 
 
+SEARCH_DIRECTIONS = ("maximize", "minimize")
+
+
+@dataclass
+class SearchObjective:
+    """One objective of a search (``hydra/sweeper=optuna``): a metric a job logs and which
+    way is better."""
+
+    metric: str = "output_tokens_per_s"
+    """The metric as the job logs it (a name of docs/metrics.md, e.g. ``ttft_ms_p90``)."""
+    direction: str = "maximize"
+    """``maximize`` or ``minimize``."""
+
+
+@dataclass
+class SearchConstraint:
+    """A bound a search trial must keep to count (``hydra/sweeper=optuna``)."""
+
+    metric: str | None = None
+    """The bounded metric as the job logs it (a name of docs/metrics.md)."""
+    max: float | None = None
+    """The metric must be <= this; null = no upper bound."""
+    min: float | None = None
+    """The metric must be >= this; null = no lower bound."""
+    gate_verdict_not: str | None = None
+    """A quality verdict the trial must not get; not available yet (refused when set)."""
+
+
+@dataclass
+class SearchConfig:
+    """What a search (``hydra/sweeper=optuna``, docs/search.md) optimizes; the grid sweeper
+    ignores it."""
+
+    objectives: list[SearchObjective] = field(default_factory=lambda: [SearchObjective()])
+    """The metrics to optimize, each ``{metric: NAME, direction: maximize|minimize}``; two
+    or more make a multi-objective search (its result is the Pareto front)."""
+    constraints: list[SearchConstraint] = field(default_factory=list)
+    """Bounds a trial must keep, each ``{metric: NAME, max: X}`` and/or ``min: Y``; a trial
+    that breaks one is infeasible: never a best trial."""
+    rerun_best: int = 0
+    """Rerunning the best configuration for its confidence interval: not available yet
+    (refused unless 0)."""
+
+
+@dataclass
+class CostConfig:
+    """What an hour of the machine costs, for cost per token (``usd_per_million_output_tokens``).
+    Null price: no cost figures (unless a ``+target`` carries a list price)."""
+
+    usd_per_hour: float | None = None
+    """What you pay per hour for the machine the jobs run on, in USD (> 0); it always wins
+    over a ``+target``'s ``usd_per_hour_list``; null = no cost figures."""
+    price_source: str | None = None
+    """Where ``usd_per_hour`` comes from, free text (e.g. ``"Colab Pro L4 list price"``),
+    recorded with the cost figures; needs ``usd_per_hour``."""
+
+
 TARGET_DEVICES = ("cpu", "cuda")
 
 
@@ -210,6 +267,10 @@ class TargetConfig:
     supported."""
     tflops_fp16: float | None = None
     """Peak dense float16 throughput from the datasheet, TFLOP/s; null = unknown."""
+    usd_per_hour_list: float | None = None
+    """A published on-demand list price of a machine with this card, USD per hour (> 0;
+    its source and date in the yaml's comment); used for cost figures when
+    ``cost.usd_per_hour`` is null; null = none."""
 
 
 @dataclass
@@ -233,6 +294,10 @@ class Config:
     """Quality and diversity scoring (``scoring.*``)."""
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     """How the measured phase is observed (``measure.*``)."""
+    cost: CostConfig = field(default_factory=CostConfig)
+    """The machine's price for cost per token (``cost.*``)."""
+    search: SearchConfig = field(default_factory=SearchConfig)
+    """What a search optimizes (``search.*``; ``hydra/sweeper=optuna``, docs/search.md)."""
     target: TargetConfig | None = None
     """``+target=NAME``: plan for that card (``conf/target/``, dry runs); null = this
     machine."""

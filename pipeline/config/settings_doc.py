@@ -23,11 +23,13 @@ from omegaconf import OmegaConf
 from pipeline.config.field_docs import field_docs
 from pipeline.config.schemas import (
     Config,
+    CostConfig,
     DecodingConfig,
     MeasureConfig,
     ModelConfig,
     PathsConfig,
     ScoringConfig,
+    SearchConfig,
     TargetConfig,
     TrackingConfig,
     register_configs,
@@ -57,6 +59,11 @@ CORE_SECTIONS: tuple[tuple[str, str, type, str], ...] = (
     ("tracking", "tracking", TrackingConfig, "MLflow tracking."),
     ("scoring", "scoring", ScoringConfig, "Quality and diversity scoring of the generations."),
     ("measure", "measure", MeasureConfig, "How the measured phase is observed."),
+    ("cost", "cost", CostConfig,
+     "What the machine costs, for cost per output token (`usd_per_million_output_tokens`)."),
+    ("search", "search", SearchConfig,
+     "What a search optimizes (`hydra/sweeper=optuna`, docs/search.md); a grid sweep "
+     "ignores it."),
     ("target", "target", TargetConfig,
      "A hardware target to plan for (`+target=NAME`, `conf/target/`; dry runs). Not set by "
      "default: the defaults below are the schema's, each target yaml sets its card's values."),

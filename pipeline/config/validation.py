@@ -2,7 +2,7 @@
 
 :func:`validate` runs before anything heavy is imported or loaded; every error names the
 key, the bad value and what is allowed. Nothing here touches the disk except checking that
-a named file exists.
+a named file exists and reading a trace file (``workload.source=trace``: each line checked).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pipeline.config.schemas import (
     Config,
     DecodingConfig,
     ModelConfig,
+    SearchConfig,
 )
 from pipeline.config.workload_schema import ARRIVALS, WorkloadConfig
 from pipeline.errors import ConfigError
@@ -86,12 +87,15 @@ def validate_decoding(d: DecodingConfig, prefix: str = "decoding") -> None:
                      f"decoding=temperature/topk/topp) or leave it at {neutral}")
 
 
-PROFILES = ("fixed", "sweep", "slo_search", "ramp")
+PROFILES = ("fixed", "sweep", "slo_search", "ramp", "trace")
 
 
 def _validate_profile(w: WorkloadConfig) -> None:
     """The load-profile keys (pipeline/workload/profiles.py plans the points)."""
     check_choice("workload.profile", w.profile, PROFILES)
+    if w.profile == "trace" and w.source != "trace":
+        fail("workload.profile", w.profile, "needs workload.source=trace (its send times "
+             "come from workload.trace_file)")
     from pipeline.metrics.performance import SLO_DIALECTS
 
     check_choice("workload.slo_dialect", w.slo_dialect, SLO_DIALECTS)
@@ -146,7 +150,7 @@ def validate_workload(w: WorkloadConfig) -> None:
     from pipeline.workload.files import path_problem
     from pipeline.workload.lengths import LENGTH_DISTS, length_bounds
 
-    check_choice("workload.source", w.source, ("prompts", "synthetic"))
+    check_choice("workload.source", w.source, ("prompts", "synthetic", "trace"))
     check_choice("workload.on_too_long", w.on_too_long, ("truncate", "refuse"))
     check_range("workload.max_input_tokens", w.max_input_tokens, 1, optional=True)
     for side, mean_key in (("input", "input_tokens"), ("output", "max_new_tokens")):
@@ -183,12 +187,52 @@ def validate_workload(w: WorkloadConfig) -> None:
     if p_tokens or w.prefix_groups > 1:
         key = "shared_prefix_tokens" if p_tokens else "prefix_groups"
         fail(f"workload.{key}", getattr(w, key), "shared prefixes need workload.source=synthetic")
+    if w.source == "trace":
+        from pipeline.workload.trace import validate_trace
+
+        validate_trace(w)  # reads the file: every refusal names its line
+        return
     if w.prompts_file:
         problem = path_problem(w.prompts_file)
         if problem:
             fail("workload.prompts_file", w.prompts_file, problem)
     elif not w.prompts:
         fail("workload.prompts", [], "give inline prompts or workload.prompts_file")
+
+
+def validate_search(s: SearchConfig) -> None:
+    """The search section (``hydra/sweeper=optuna``): metric names a job logs (rows of the
+    metric catalog, pattern rows included), directions, bounds; the parts not available yet
+    are refused rather than ignored."""
+    from pipeline.config.schemas import SEARCH_DIRECTIONS
+    from pipeline.metrics.catalog import entry_for
+
+    def known(key: str, name: Any) -> None:
+        if not isinstance(name, str) or entry_for(name) is None:
+            fail(key, name, "not a metric name of the catalog (docs/metrics.md), e.g. "
+                 "output_tokens_per_s, ttft_ms_p90, e2el_ms_mean, peak_rss_bytes")
+
+    if not s.objectives:
+        fail("search.objectives", [], "name at least one {metric: NAME, direction: "
+             "maximize|minimize}")
+    for i, o in enumerate(s.objectives):
+        known(f"search.objectives[{i}].metric", o.metric)
+        check_choice(f"search.objectives[{i}].direction", o.direction, SEARCH_DIRECTIONS)
+    for i, c in enumerate(s.constraints):
+        key = f"search.constraints[{i}]"
+        if c.gate_verdict_not is not None:
+            fail(f"{key}.gate_verdict_not", c.gate_verdict_not, "quality-verdict constraints "
+                 "are not available yet; bound a metric ({metric: NAME, max: X})")
+        known(f"{key}.metric", c.metric)
+        if c.max is None and c.min is None:
+            fail(f"{key}.max", None, f"give max and/or min for metric {c.metric}")
+        check_range(f"{key}.max", c.max, optional=True)
+        check_range(f"{key}.min", c.min, optional=True)
+        if c.max is not None and c.min is not None and c.min > c.max:
+            fail(f"{key}.min", c.min, f"must be <= {key}.max={c.max}")
+    if s.rerun_best != 0:
+        fail("search.rerun_best", s.rerun_best, "rerunning the best trial is not available "
+             "yet; use 0 and rerun its overrides with workload.repeats=3")
 
 
 def validate_model(m: ModelConfig, stand_in: bool = False) -> None:
@@ -283,6 +327,8 @@ def validate(cfg: DictConfig) -> Config:
     if t is not None:
         check_choice("target.device", t.device, TARGET_DEVICES)
         check_range("target.memory_gib", t.memory_gib, 0.0, lo_open=True, optional=True)
+        check_range("target.usd_per_hour_list", t.usd_per_hour_list, 0.0, lo_open=True,
+                    optional=True)
         from pipeline.hardware import parse_capability
 
         parse_capability(t.compute_capability, t.device)  # "7.5"; refused in one line
@@ -290,6 +336,10 @@ def validate(cfg: DictConfig) -> Config:
     cls.validate_settings(typed.backend)
     validate_decoding(typed.decoding)
     validate_workload(typed.workload)
+    if typed.workload.source == "trace":
+        from pipeline.workload.trace import check_trace_job
+
+        check_trace_job(typed, bool(cls.online))
     check_range("seed", typed.seed, 0)
     check_choice("scoring.scorer_dtype", typed.scoring.scorer_dtype, DTYPES)
     check_range("scoring.self_bleu_max_samples", typed.scoring.self_bleu_max_samples, 2,
@@ -300,4 +350,10 @@ def validate(cfg: DictConfig) -> Config:
     check_names(resolve_metrics(typed.scoring, typed.workload.name))
     check_range("measure.rss_sample_interval_s", typed.measure.rss_sample_interval_s, 0.0,
                 lo_open=True)
+    check_range("cost.usd_per_hour", typed.cost.usd_per_hour, 0.0, lo_open=True,
+                optional=True)
+    if typed.cost.price_source is not None and typed.cost.usd_per_hour is None:
+        fail("cost.price_source", typed.cost.price_source, "describes cost.usd_per_hour, "
+             "which is null: set cost.usd_per_hour too (or leave price_source null)")
+    validate_search(typed.search)
     return typed

@@ -21,9 +21,10 @@ class WorkloadConfig:
     """The workload's name: names runs, and picks the default reference metrics
     (``scoring.task_reference_metrics.<name>``)."""
     source: str = "prompts"
-    """Where prompts come from: ``prompts`` (inline ``prompts`` or ``prompts_file``) or
+    """Where prompts come from: ``prompts`` (inline ``prompts`` or ``prompts_file``),
     ``synthetic`` (built from the shipped English corpus at exact token lengths; needs
-    ``num_prompts``)."""
+    ``num_prompts``) or ``trace`` (a request trace replayed at its own times: ``trace_file``;
+    online backends, ``profile=trace``)."""
     prompts: list[str] = field(default_factory=list)
     """Inline prompts (a list of strings), used when ``prompts_file`` is not set."""
     prompts_file: str | None = None
@@ -32,7 +33,19 @@ class WorkloadConfig:
     ``Dataset.save_to_disk``; null = the inline ``prompts``."""
     num_prompts: int | None = None
     """Number of requests: the prompts are cut to it or cycled up to it; null = every
-    prompt once. Required for ``source=synthetic``."""
+    prompt once. Required for ``source=synthetic``; with ``source=trace`` the first N
+    requests of ``trace_window``."""
+    trace_file: str | None = None
+    """``source=trace``: the trace to replay, one request a line: ``.jsonl`` in Mooncake's
+    format (``timestamp`` in ms, ``input_length``, ``output_length``, ``hash_ids``: one id
+    per 512-token block, shared ids = shared tokens) or ``.csv``/``.jsonl`` with the first
+    three only (every request's tokens its own); at most ``max_file_bytes``."""
+    trace_speedup: float = 1.0
+    """``source=trace``: send times are the trace's timestamps divided by this (> 0): 2
+    replays twice as fast."""
+    trace_window: list[float] | None = None
+    """``source=trace``: ``[start_ms, end_ms]``: replay the requests whose timestamps fall in
+    ``[start_ms, end_ms)``, the first one sent at once; null = the whole trace."""
     batch_size: int = 4
     """Requests per ``generate`` call on in-process backends (hf, vllm); >= 1. Online
     backends use ``concurrency`` instead."""
@@ -125,7 +138,8 @@ class WorkloadConfig:
     profile: str = "fixed"
     """Online backends' load profile: ``fixed`` (one phase at the settings above),
     ``sweep`` (sync, max, then ``sweep_points`` rates in between), ``slo_search`` (the
-    highest rate meeting the SLOs) or ``ramp`` (rising rates up to ``ramp_end_rate``)."""
+    highest rate meeting the SLOs), ``ramp`` (rising rates up to ``ramp_end_rate``) or
+    ``trace`` (one open-loop point at a trace's own send times; with ``source=trace``)."""
     sweep_points: int = 4
     """Open-loop rate points of ``sweep`` and ``ramp`` (1 to 100)."""
     point_requests: int | None = None

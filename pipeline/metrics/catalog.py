@@ -1,6 +1,7 @@
 """The one metric catalog: every metric the pipeline logs, and how the ones it shows read.
 
-The rows (:data:`ENTRIES`, in :mod:`pipeline.metrics.catalog_entries`) name each metric as
+The rows (:data:`ENTRIES`, in :mod:`pipeline.metrics.catalog_entries` and
+:mod:`~pipeline.metrics.catalog_entries_runs`) name each metric as
 it is logged to MLflow and results.json, or a family of them as a pattern such as
 ``ttft_ms_<stat>``; :func:`entry_for` finds a key's row and :func:`uncovered` lists the
 keys no row covers (the tests hold every key a real job, a load profile and a gate sweep
@@ -24,7 +25,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pipeline.metrics.catalog_entries import ENTRIES, GROUPS, HIGHER, LOWER, NEUTRAL, Entry
+from pipeline.metrics.catalog_entries import GROUPS, HIGHER, JOB_ENTRIES, LOWER, NEUTRAL, Entry
+from pipeline.metrics.catalog_entries_runs import RUN_ENTRIES
+
+#: every row, in docs/metrics.md's order within each group
+ENTRIES: tuple[Entry, ...] = JOB_ENTRIES + RUN_ENTRIES
 
 __all__ = ["ENTRIES", "GROUPS", "HEADLINE", "HIGHER", "LOWER", "METRICS", "MIB", "NEUTRAL",
            "PLACEHOLDERS", "SPECS", "Entry", "MetricSpec", "entry_for", "format_metric",

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.report.collect import ReportError, SweepData, collect_sweep
+from pipeline.report.decision import section as decision_section
 from pipeline.report.interactive import figures as interactive_figures
 from pipeline.report.plots import plot_images
 from pipeline.report.render import build_sections, render_html, render_markdown, ui_links
@@ -43,6 +44,10 @@ def write_report(data: SweepData, output_dir: Path, baseline: str | None = None,
     t = build_tables(data, baseline)
     sections = build_sections(data, t)
     images = plot_images(data, t)
+    decided = decision_section(data)
+    if decided is not None:  # right after the Summary: what to pick, then the evidence
+        sections.insert(1, decided[0])
+        images.update(decided[1])
     figures = interactive_figures(data, t) if interactive else {}
     built = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     output_dir.mkdir(parents=True, exist_ok=True)

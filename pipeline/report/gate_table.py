@@ -26,6 +26,30 @@ NOTE = (
     "), degraded otherwise.")
 
 
+#: said once under the table when a GGUF-running job is gated against a job running the
+#: packaged model's de-quantized folder: both hold the same (Q4_1) weights
+SAME_WEIGHTS = ("same weights: this measures llama.cpp's numerics, not quantization loss "
+                "(use +experiment=gguf_quant on an HF folder)")
+
+
+def _origin(job: Any) -> Any:
+    return ((job.results or {}).get("applied") or {}).get("gguf_origin") if job else None
+
+
+def same_weights(data: SweepData) -> bool:
+    """Whether a gated job runs the packaged GGUF against a baseline that runs its
+    de-quantized folder (the applied ``gguf_origin`` the GGUF backend records)."""
+    by_num = {j.job: j for j in data.jobs}
+    for j in data.jobs:
+        if not j.tags.get("gate_verdict") or _origin(j) != "packaged":
+            continue
+        base = by_num.get(int(j.tags["gate_baseline_job"])) \
+            if str(j.tags.get("gate_baseline_job", "")).isdigit() else None
+        if base is not None and _origin(base) != "packaged":
+            return True
+    return False
+
+
 def table(data: SweepData) -> pd.DataFrame:
     """One row per job the gate judged; empty when none was."""
     rows = []
@@ -56,4 +80,7 @@ def sections(data: SweepData) -> list[tuple[str, list[tuple[str, Any]]]]:
     df = table(data)
     if df.empty:
         return []
-    return [("Fast but wrong?", [("text", NOTE), ("table", df)])]
+    blocks: list[tuple[str, Any]] = [("text", NOTE), ("table", df)]
+    if same_weights(data):
+        blocks.append(("text", SAME_WEIGHTS))
+    return [("Fast but wrong?", blocks)]

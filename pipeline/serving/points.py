@@ -206,9 +206,16 @@ def capacity_under_slo(points: Sequence[Mapping[str, Any]]) -> float:
     """The highest achieved rate among open-loop points that pass (:func:`passes`; 0.0
     when none): a capacity is what the server was seen to deliver within the SLOs, never
     a rate that was merely offered."""
-    good = [float(p["achieved_rate"]) for p in points
-            if p["offered_rate"] is not None and passes(p)]
-    return max(good, default=0.0)
+    best = slo_point(points)
+    return float(best["achieved_rate"]) if best is not None else 0.0
+
+
+def slo_point(points: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The point behind :func:`capacity_under_slo`: the passing open-loop point with the
+    highest achieved rate (None when none passes). Its ``output_tokens_per_s`` prices a
+    token at that capacity (``usd_per_million_output_tokens_at_slo``)."""
+    good = [p for p in points if p["offered_rate"] is not None and passes(p)]
+    return max(good, key=lambda p: float(p["achieved_rate"]), default=None)
 
 
 def curve_metrics(point: Mapping[str, Any]) -> dict[str, float]:

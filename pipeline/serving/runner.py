@@ -13,6 +13,10 @@ with no cap either: ``workload.concurrency`` is for ``profile=fixed`` only. A ca
 open loop turns the server's slowness into client-side queueing (coordinated omission):
 the offered rate is then never offered, and a capped point could only be thrown away.
 Every point records ``concurrency`` (null for open-loop points).
+
+``trace`` (``workload.source=trace``) is one open-loop point at the trace's own send times
+(:func:`pipeline.workload.trace.replay_plan`): every request once, never stopped early, its
+offered rate the schedule's own; the job also logs its latencies as a fixed job does.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 from pipeline.config import Config
 from pipeline.measure.memory import PeakRSSSampler
 from pipeline.measure.timing import PhaseTimer, clock
+from pipeline.metrics import performance
 from pipeline.records import Request, RequestRecord
 from pipeline.serving import points as pts
 from pipeline.serving.client import PointControl, point_control
@@ -65,20 +70,24 @@ class ProfileRunner:
         url_of: Callable[[], str | None] | None = getattr(backend, "metrics_url", None)
         self.metrics_url = url_of() if url_of is not None else None
 
-    def point(self, kind: str, rate: float | None = None) -> dict[str, Any]:
-        """Run one point: ``sync``, ``max`` or an open-loop ``rate`` (requests/s)."""
+    def point(self, kind: str, rate: float | None = None,
+              schedule: list[float] | None = None) -> dict[str, Any]:
+        """Run one point: ``sync``, ``max``, an open-loop ``rate`` (requests/s), or every
+        request at the given ``schedule`` (seconds; ``rate`` is then the one it offers)."""
         import psutil
 
         w, k = self.w, len(self.points)
-        n = point_size(w, len(self.requests), rate)
+        n = len(self.requests) if schedule else point_size(w, len(self.requests), rate)
         reqs = [self.requests[i % len(self.requests)] for i in range(n)]
-        if rate is None:
+        if schedule:
+            send_at, conc = list(schedule), None
+        elif rate is None:
             send_at, conc = [0.0] * n, (1 if kind == "sync" else None)
         else:
             send_at = arrival_offsets(n, rate, w.arrival, w.burstiness, self.spec.seed + k)
             conc = None  # an open loop: see the module docstring
         ctrl = PointControl(grace_s=w.point_grace_s)
-        if rate is not None:
+        if rate is not None and not schedule:  # a given schedule is replayed whole
             ctrl.stop_rule = SaturationRule(rate, w.saturation_rate_ratio,
                                             w.saturation_ttft_growth)
             ctrl.deadline_s = w.point_duration_s
@@ -110,6 +119,18 @@ class ProfileRunner:
         return p
 
     # ----------------------------------------------------------------- profiles
+
+    def trace(self) -> None:
+        from pipeline.workload.trace import replay_plan
+
+        plan = replay_plan(self.w)
+        if len(plan.send_at) != len(self.requests):
+            raise RuntimeError(f"{len(self.requests)} requests for {len(plan.send_at)} "
+                               f"trace lines")
+        p = self.point("trace", pts.span_rate(plan.send_at), schedule=plan.send_at)
+        for r in self.records:
+            r.extra.update(plan.extra[r.index])
+        p["trace_span_s"] = plan.send_at[-1]
 
     def sweep(self) -> None:
         sync, mx = self.point("sync"), self.point("max")
@@ -168,10 +189,15 @@ def run_profile(backend: Any, spec: Config, requests: list[Request], timer: Phas
             run.ramp()
         elif w.profile == "slo_search":
             answer = run.slo_search()
+        elif w.profile == "trace":
+            run.trace()
         else:
             raise ValueError(f"workload.profile={w.profile!r}: no points to run")
         wall = clock() - t0
     metrics = pts.summary_metrics(run.points, w.profile, answer)
+    if w.profile == "trace":  # one point: the job's latencies, as a fixed job logs them
+        metrics.update(performance.latency_metrics(run.records))
+        metrics.update(performance.schedule_metrics(run.records))
     if "max_rate_under_slo" in metrics:
         print(f"max_rate_under_slo {metrics['max_rate_under_slo']:.2f} req/s (achieved; "
               f"TTFT/E2EL SLOs judged from the {run.slo_dialect} on open-loop points)",

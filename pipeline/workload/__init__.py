@@ -1,5 +1,6 @@
-"""Workloads: what a job sends — inline prompts, prompt files and datasets, or synthetic
-prompts of exact token lengths with shared prefixes — and when (batches, arrivals).
+"""Workloads: what a job sends — inline prompts, prompt files and datasets, synthetic
+prompts of exact token lengths with shared prefixes, or a replayed request trace — and when
+(batches, arrivals, a trace's own times).
 
 - :mod:`.prompts` loads prompts and renders them into :class:`~pipeline.records.Request`
 - :mod:`.files` reads .txt/.jsonl/.csv/.parquet files and dataset folders (``datasets``)
@@ -7,6 +8,8 @@ prompts of exact token lengths with shared prefixes — and when (batches, arriv
 - :mod:`.lengths` the input/output length distributions
 - :mod:`.limits` refuses impossible lengths before any model loads
 - :mod:`.arrivals` send times for online backends
+- :mod:`.trace` trace replay: a trace file's requests, their token blocks and send times
+- :mod:`.sources` :func:`load_prompts`, whatever the source
 
 The names below are imported from their submodule on first use (PEP 562): the package
 itself imports nothing at load time, so ``pipeline.config`` can use a submodule while the
@@ -26,11 +29,11 @@ if TYPE_CHECKING:
     from pipeline.workload.prompts import (
         annotate_records,
         batches,
-        load_prompts,
         make_requests,
         render_prompt,
         request_extra,
     )
+    from pipeline.workload.sources import load_prompts
 
 _EXPORTS = {
     "Prompt": "base",
@@ -38,7 +41,7 @@ _EXPORTS = {
     "arrival_offsets": "arrivals",
     "batches": "prompts",
     "check_limits": "limits",
-    "load_prompts": "prompts",
+    "load_prompts": "sources",
     "make_requests": "prompts",
     "read_prompts_file": "files",
     "render_prompt": "prompts",

@@ -121,6 +121,11 @@ def check_context(spec: Config) -> None:
         log.debug("context length unknown before loading; the engine checks it")
         return
     ctx, what = limit
+    if spec.workload.source == "trace":  # each line's own lengths, named by its line
+        from pipeline.workload.trace import check_trace_context
+
+        check_trace_context(spec.workload, ctx, what)
+        return
     (in_key, n_in, in_how), (out_key, n_out) = length_needs(spec)
     if n_in + n_out <= ctx:
         return
@@ -142,12 +147,16 @@ def check_output_lengths(spec: Config) -> None:
     """Refuse per-request output lengths on a backend that cannot honour them (never
     silently run every request to one length)."""
     w = spec.workload
-    if w.output_dist == "fixed":
+    if w.output_dist == "fixed" and w.source != "trace":  # a trace: lengths per request
         return
     try:
         ok = bool(getattr(_backend_class(spec), "per_request_output_lengths", False))
     except Exception:  # the class cannot be had here: refuse rather than guess
         ok = False
+    if not ok and w.source == "trace":
+        raise ConfigError(
+            f"workload.source='trace' is invalid for backend {spec.backend.name}: it cannot "
+            f"give each request its own output length (the trace's output_length)")
     if not ok:
         raise ConfigError(
             f"workload.output_dist={w.output_dist!r} is invalid for backend "

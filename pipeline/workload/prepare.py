@@ -77,9 +77,16 @@ def prepare_requests(spec: Config, prompts: list[Any]) -> PreparedRequests:
 
     model_dir = resolve_model(spec.model, Path(spec.paths.cache_dir).resolve())
     tokenizer = load_tokenizer(model_dir, spec.model)
-    template = applies_chat_template(spec.model.use_chat_template, tokenizer,
-                                     spec.model.path or spec.model.name)
-    requests = make_requests(prompts, tokenizer, template, spec.workload, spec.seed)
+    if spec.workload.source == "trace":
+        from pipeline.workload.trace import trace_requests
+
+        # raw token ids at the trace's exact lengths: no template
+        template = False
+        requests = trace_requests(spec.workload, tokenizer, spec.seed)
+    else:
+        template = applies_chat_template(spec.model.use_chat_template, tokenizer,
+                                         spec.model.path or spec.model.name)
+        requests = make_requests(prompts, tokenizer, template, spec.workload, spec.seed)
     check_request_lengths(spec, requests)
     check_reference_metrics(spec, requests)
     return PreparedRequests(model_dir, requests, CHAT_TEMPLATE if template else PLAIN)

@@ -22,17 +22,19 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.adapters import adapter_dir
 from pipeline.backends.llamacpp.config import (
     LLAMACPP_INHERENT,
     LLAMACPP_SETTINGS,
     LlamaCppBackendConfig,
     validate_llamacpp_settings,
 )
+from pipeline.backends.llamacpp.gguf_convert import converted_gguf, read_config
 from pipeline.backends.llamacpp.server_process import server_params
 from pipeline.backends.openai import OpenAIBackend, openai_body
 from pipeline.backends.vllm.server import VLLMServerBackend, _job_dir
 from pipeline.backends.vllm.server_process import SERVERS
-from pipeline.config import ModelConfig
+from pipeline.config import ModelConfig, looks_local
 from pipeline.errors import ConfigError, UnsupportedDecoding
 from pipeline.records import Request
 from pipeline.serving.http_json import http_get_json
@@ -58,23 +60,48 @@ SAMPLERS_OFF: dict[str, Any] = {
 }
 
 
-def gguf_path(m: ModelConfig) -> Path:
-    """The GGUF file llama.cpp runs for model ``m``: the packaged model's own file, else
-    ``model.gguf_file``; a ConfigError for an HF folder given without one."""
+def gguf_path(m: ModelConfig) -> Path | None:
+    """The GGUF file llama.cpp runs as it is for model ``m``: the packaged model's own file,
+    else ``model.gguf_file``; None for an HF folder without one (converted at load,
+    :func:`~pipeline.backends.llamacpp.gguf_convert.converted_gguf`)."""
     if m.source == "packaged":
         from pipeline.models import packaged_gguf
 
         return packaged_gguf(m)
     if not m.gguf_file:
-        raise ConfigError(
-            f"model.gguf_file=None is invalid for backend=llamacpp with model.path="
-            f"{m.path!r}: llama.cpp runs GGUF files and an HF folder is not converted for it; "
-            f"set model.gguf_file to a GGUF of the same model (e.g. written by llama.cpp's "
-            f"convert_hf_to_gguf.py), or use the packaged model")
+        return None
     path = Path(m.gguf_file).expanduser().resolve()
     if not path.is_file():
         raise ConfigError(f"model.gguf_file={m.gguf_file!r} is invalid: no such file")
     return path
+
+
+def check_conversion(spec: Config) -> None:
+    """What can be known before loading about the GGUF a job runs: ``backend.gguf_type``
+    only where a folder is converted; a folder that converts (config.json of a llama
+    model, safetensors, a BPE tokenizer.json); no ``api=chat`` on a converted GGUF (it has
+    no pre-tokenizer name, so text would be split by llama.cpp's default)."""
+    m, b = spec.model, spec.backend
+    if gguf_path(m) is not None:
+        if b.gguf_type is not None:
+            where = "the packaged model's GGUF" if m.source == "packaged" else "model.gguf_file"
+            raise ConfigError(
+                f"backend.gguf_type={b.gguf_type!r} is invalid with {where}: that GGUF runs "
+                f"as it is; set backend.gguf_type=null, or use model=hf model.path=FOLDER to "
+                f"convert a folder")
+        return
+    assert m.path
+    if not looks_local(m.path):
+        raise ConfigError(
+            f"model.path={m.path!r} is invalid for backend=llamacpp: a hub id is not "
+            f"converted to GGUF; use a local folder or set model.gguf_file")
+    if adapter_dir(m) is None:  # an adapter's merged folder is checked when it exists
+        read_config(Path(m.path).expanduser().resolve())
+    if b.api == "chat":
+        raise ConfigError(
+            "backend.api='chat' is invalid for backend=llamacpp on an HF folder converted "
+            "to GGUF: the file names no pre-tokenizer, so the server would split the text "
+            "with its default one; use backend.api=completion or completions (token ids)")
 
 
 class LlamaCppBackend(VLLMServerBackend):
@@ -90,6 +117,8 @@ class LlamaCppBackend(VLLMServerBackend):
     def __init__(self, model_dir: str, model: ModelConfig, cfg: LlamaCppBackendConfig,
                  seed: int) -> None:
         super().__init__(model_dir, model, cfg, seed)  # type: ignore[arg-type]
+        self._gguf: Path | None = None
+        self._convert_s = 0.0
         # llama.cpp's own /completion takes the OpenAI completions body (its parser is
         # shared) and streams each chunk's token ids (return_tokens)
         self.native = cfg.api == "completion"
@@ -122,7 +151,7 @@ class LlamaCppBackend(VLLMServerBackend):
         if m.weights != "pretrained":
             raise ConfigError(f"model.weights={m.weights!r} is invalid for backend=llamacpp: "
                               f"it runs the GGUF's weights; use model.weights=pretrained")
-        gguf_path(m)
+        check_conversion(spec)
         if m.device == "cuda" and spec.backend.n_gpu_layers == 0:
             raise ConfigError(
                 "model.device='cuda' is invalid for backend=llamacpp with "
@@ -142,9 +171,20 @@ class LlamaCppBackend(VLLMServerBackend):
 
     # ------------------------------------------------------------------ life cycle
 
+    def gguf_file(self) -> Path:
+        """The GGUF the server runs; an HF folder is converted here (once per folder
+        content and type, then cached), never in ``check``."""
+        if self._gguf is None:
+            self._gguf = gguf_path(self.model_cfg)
+            if self._gguf is None:
+                self._gguf, self._convert_s = converted_gguf(
+                    Path(self.model_dir), self.server_cfg.gguf_type or "F16",
+                    Path(self.server_cfg.gguf_dir))
+        return self._gguf
+
     def server_command(self, port: int) -> list[str]:
         """The server child's command line (its parameters as one JSON argument)."""
-        params = server_params(self.server_cfg, str(gguf_path(self.model_cfg)), port,
+        params = server_params(self.server_cfg, str(self.gguf_file()), port,
                                self.model_cfg.name)
         return [sys.executable, "-m", "pipeline.backends.llamacpp.server_process",
                 "--params", json.dumps(params)]
@@ -152,9 +192,10 @@ class LlamaCppBackend(VLLMServerBackend):
     def _key(self) -> tuple:
         """Every setting that shapes a started server (the per-request ones do not)."""
         c = dataclasses.asdict(self.server_cfg)
-        for per_request in ("seed", "api", "startup_timeout_s", "log_dir"):
+        for per_request in ("seed", "api", "startup_timeout_s", "log_dir", "gguf_type",
+                            "gguf_dir"):  # the GGUF's path below says both
             c.pop(per_request)
-        return (self.name, str(gguf_path(self.model_cfg)), self.model_cfg.name,
+        return (self.name, str(self.gguf_file()), self.model_cfg.name,
                 tuple(sorted(c.items())))
 
     def load(self) -> None:
@@ -181,7 +222,7 @@ class LlamaCppBackend(VLLMServerBackend):
             return
         with contextlib.suppress(metadata.PackageNotFoundError):
             s.info["xllamacpp_version"] = metadata.version("xllamacpp")
-        s.info["gguf_file"] = str(gguf_path(self.model_cfg))
+        s.info["gguf_file"] = str(self.gguf_file())
         with contextlib.suppress(OSError, ValueError, AttributeError):
             props = http_get_json(f"{s.base_url.removesuffix('/v1')}/props", 5.0)[1]
             s.info["gguf_ftype"] = props.get("model_ftype")
@@ -252,5 +293,15 @@ class LlamaCppBackend(VLLMServerBackend):
             "server_params": s.cmd[-1],
             "sampler_order": ",".join(SAMPLERS),
         })
+        # where the GGUF came from: the report notes that the packaged GGUF and hf's
+        # de-quantized copy of it are the same weights
+        m = self.model_cfg
+        out["gguf_origin"] = ("packaged" if m.source == "packaged" else
+                              "model.gguf_file" if m.gguf_file else "converted")
+        if self._gguf is not None and gguf_path(self.model_cfg) is None:
+            # converted from the HF folder: the type written and this job's conversion
+            # time (0.0: the cached file was reused)
+            out["gguf_type"] = self.server_cfg.gguf_type or "F16"
+            out["gguf_convert_s"] = self._convert_s
         out.update({k: v for k, v in s.info.items() if v is not None})
         return out

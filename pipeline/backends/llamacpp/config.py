@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.backends.base import BOOKKEEPING, BackendConfig, Job, Setting, optimization, task
+from pipeline.backends.llamacpp.gguf_convert import check_type
 from pipeline.config import check_choice, check_range, fail
 
 #: KV-cache element types llama.cpp's server accepts for ``cache_type_k``/``cache_type_v``
@@ -65,6 +66,15 @@ class LlamaCppBackendConfig(BackendConfig):
     cache_prompt: bool = False
     """Reuse the KV cache of a slot's previous prompt for a request sharing its prefix.
     Off by default, so that repeated prompts do not turn prefill into a cache hit."""
+    gguf_type: str | None = None
+    """For an HF model folder (``model=hf`` without ``model.gguf_file``) only: the type its
+    weights are written in when the folder is converted to GGUF for llama.cpp, once, into
+    ``gguf_dir``: F32 (no quantization) | F16 | BF16 | Q8_0 | Q5_0 | Q5_1 | Q4_0 | Q4_1
+    (no K-quants); norms stay F32. null means F16 for an HF folder. Refused with the
+    packaged model or with ``model.gguf_file``: those GGUFs run as they are."""
+    gguf_dir: str = "outputs/cache/gguf"
+    """Folder of the GGUF conversions of HF folders (one file per folder content and
+    ``gguf_type``), under ``paths.cache_dir``."""
     seed: int | None = None
     """The sampling seed sent with each request; null means the run's ``seed``."""
     startup_timeout_s: float = 120.0
@@ -73,6 +83,21 @@ class LlamaCppBackendConfig(BackendConfig):
     log_dir: str = "outputs/servers"
     """Folder of the live server logs; each job copies its part to ``server.log`` in its
     job folder."""
+
+
+def converts_folder(job: Job) -> bool:
+    """Whether the job's model is an HF folder llama.cpp runs through a conversion (no
+    ``model.gguf_file`` of its own)."""
+    m = job.get("model") or {}
+    return m.get("source") == "hf" and not m.get("gguf_file")
+
+
+def _gguf_type(value: object, job: Job) -> object:
+    """The type a converted folder is written in (null: F16); a GGUF used as it is (the
+    packaged one, ``model.gguf_file``) counts as no conversion: None."""
+    if not converts_folder(job):
+        return None
+    return value or "F16"
 
 
 def _run_seed(value: object, job: Job) -> object:
@@ -97,6 +122,9 @@ LLAMACPP_SETTINGS: dict[str, Setting] = {
     "cache_type_v": optimization(("f32",)),
     "n_gpu_layers": optimization((0,)),
     "cache_prompt": optimization((False,)),
+    # F32 is the folder's weights unquantized; a GGUF used as it is is no conversion
+    "gguf_type": optimization(("F32", None), effective=_gguf_type),
+    "gguf_dir": BOOKKEEPING,
     "seed": task((None,), effective=_run_seed),
     "startup_timeout_s": BOOKKEEPING,
     "log_dir": BOOKKEEPING,
@@ -127,6 +155,11 @@ def validate_llamacpp_settings(s: LlamaCppBackendConfig) -> None:
         fail("backend.cache_type_v", s.cache_type_v,
              "a quantized V cache needs flash attention; set backend.flash_attn=auto or on")
     check_range("backend.n_gpu_layers", s.n_gpu_layers, -1)
+    if s.gguf_type is not None:
+        s.gguf_type = str(s.gguf_type).upper()
+        check_type(s.gguf_type)
+    if not s.gguf_dir:
+        fail("backend.gguf_dir", s.gguf_dir, "a folder is required for converted GGUFs")
     check_range("backend.startup_timeout_s", s.startup_timeout_s, 0.0, lo_open=True)
     if not s.log_dir:
         fail("backend.log_dir", s.log_dir, "a folder is required for the server log")

@@ -3,7 +3,8 @@ share (:class:`VLLMSettings`), each backend's own (:class:`VLLMBackendConfig`,
 :class:`VLLMServerBackendConfig`), what each setting is to the gate
 (:data:`VLLM_SETTINGS` ...), their checks (:func:`validate_vllm_settings`) and the values
 the engine receives for them (:func:`engine_dtype`, :func:`engine_eager`,
-:func:`engine_seed`). Nothing here imports vLLM or torch.
+:func:`engine_seed`, :func:`scheduler_kwargs`, :func:`scheduler_flags`). Nothing here
+imports vLLM or torch.
 """
 
 from __future__ import annotations
@@ -51,6 +52,13 @@ class VLLMSettings(BackendConfig):
     ``cpu_omp_threads_bind``)."""
     max_num_seqs: int = 256
     """Most sequences the scheduler runs in one step (at least 1)."""
+    max_num_batched_tokens: int | None = None
+    """Most tokens (prompt and output) the scheduler puts in one step, at least 1; null is
+    vLLM's default for the platform and the other settings. With chunked prefill a longer
+    prompt is prefilled in chunks of at most this many tokens."""
+    enable_chunked_prefill: bool | None = None
+    """vLLM's chunked prefill: long prompts are prefilled in chunks that share a step with
+    other requests' decoding; null is vLLM's default (on in current vLLM)."""
     enable_prefix_caching: bool = False
     """vLLM's automatic prefix caching: requests sharing a prompt prefix reuse its KV blocks.
     Off by default, so that repeated prompts do not turn prefill into a cache hit; a reused
@@ -97,6 +105,9 @@ VLLM_SETTINGS: dict[str, Setting] = {
     "gpu_memory_utilization": BOOKKEEPING,
     "tensor_parallel_size": optimization((1,)),
     "max_num_seqs": BOOKKEEPING,
+    "max_num_batched_tokens": BOOKKEEPING,
+    # how a prompt's prefill is split over steps: the same model, other kernel shapes
+    "enable_chunked_prefill": optimization((None, False)),
     "enable_prefix_caching": optimization((False,)),
     "seed": task((None,), effective=_run_seed),
     "cpu_kvcache_space_gib": BOOKKEEPING,
@@ -178,7 +189,7 @@ class VLLMServerBackendConfig(VLLMSettings):
     job fails, quoting the end of the server log."""
     extra_args: list[str] = field(default_factory=list)
     """More server command-line flags, appended as given (e.g.
-    ``["--max-num-batched-tokens", "4096"]``); any of them may change what is computed."""
+    ``["--max-num-partial-prefills", "2"]``); any of them may change what is computed."""
     log_dir: str = "outputs/servers"
     """Folder of the live server logs; each job copies its part to ``server.log`` in its
     job folder."""
@@ -209,6 +220,7 @@ def validate_vllm_settings(s: VLLMSettings) -> None:
                 lo_open=True)
     check_range("backend.tensor_parallel_size", s.tensor_parallel_size, 1)
     check_range("backend.max_num_seqs", s.max_num_seqs, 1)
+    check_range("backend.max_num_batched_tokens", s.max_num_batched_tokens, 1, optional=True)
     check_range("backend.cpu_kvcache_space_gib", s.cpu_kvcache_space_gib, 1)
     if not s.cpu_omp_threads_bind:
         fail("backend.cpu_omp_threads_bind", s.cpu_omp_threads_bind,
@@ -237,6 +249,28 @@ def engine_eager(s: VLLMSettings, model: ModelConfig) -> bool:
     """``enforce_eager`` for the engine: ``auto`` is eager on the CPU, CUDA graphs on CUDA
     (the device vLLM will run on, as ``model.device`` resolves here)."""
     return hardware.enforce_eager(s.enforce_eager, hardware.live(str(model.device)))
+
+
+def scheduler_kwargs(s: VLLMSettings) -> dict[str, Any]:
+    """The scheduler settings the engine receives as ``vllm.LLM`` keyword arguments: only
+    those set (null leaves vLLM's default)."""
+    out: dict[str, Any] = {}
+    if s.max_num_batched_tokens is not None:
+        out["max_num_batched_tokens"] = s.max_num_batched_tokens
+    if s.enable_chunked_prefill is not None:
+        out["enable_chunked_prefill"] = s.enable_chunked_prefill
+    return out
+
+
+def scheduler_flags(s: VLLMSettings) -> list[str]:
+    """The same settings as ``vllm serve`` command-line flags."""
+    flags: list[str] = []
+    if s.max_num_batched_tokens is not None:
+        flags += ["--max-num-batched-tokens", str(s.max_num_batched_tokens)]
+    if s.enable_chunked_prefill is not None:
+        flags.append("--enable-chunked-prefill" if s.enable_chunked_prefill
+                     else "--no-enable-chunked-prefill")
+    return flags
 
 
 def engine_seed(s: VLLMSettings, seed: int) -> int:

@@ -32,6 +32,7 @@ from pipeline.backends.vllm.config import (
     engine_dtype,
     engine_eager,
     engine_seed,
+    scheduler_kwargs,
 )
 from pipeline.backends.vllm.engine_cache import engine_key, reap
 from pipeline.backends.vllm.engine_generation import (
@@ -162,6 +163,7 @@ class VLLMBackend(VLLMPlugins, Backend):
             kwargs["revision"] = self.model_cfg.revision
         if self.cfg.quantization:
             kwargs["quantization"] = self.cfg.quantization
+        kwargs.update(scheduler_kwargs(self.cfg))  # null: vLLM's own default
         spec = speculative_config(self.cfg)
         if spec:
             kwargs["speculative_config"] = spec
@@ -274,6 +276,8 @@ class VLLMBackend(VLLMPlugins, Backend):
             "tensor_parallel_size": vc.parallel_config.tensor_parallel_size,
             "max_num_seqs": vc.scheduler_config.max_num_seqs,
             "max_num_batched_tokens": vc.scheduler_config.max_num_batched_tokens,
+            "enable_chunked_prefill": getattr(vc.scheduler_config, "enable_chunked_prefill",
+                                              None),
             "seed": mc.seed,
             "quantization": getattr(mc, "quantization", None),
             "load_format": str(vc.load_config.load_format),

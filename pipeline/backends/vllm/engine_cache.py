@@ -37,6 +37,7 @@ def engine_key(model_dir: str, model: ModelConfig, s: VLLMSettings, dtype: str, 
         model_dir, model.revision, model.weights, model.trust_remote_code, model.device,
         dtype, s.max_model_len, engine_eager(s, model), s.gpu_memory_utilization,
         s.tensor_parallel_size, s.max_num_seqs, s.enable_prefix_caching, s.quantization, seed,
+        s.max_num_batched_tokens, s.enable_chunked_prefill,
         tuple(sorted(env.items())), *extra,
     )
 

@@ -40,6 +40,7 @@ from pipeline.backends.vllm.config import (
     engine_dtype,
     engine_eager,
     engine_seed,
+    scheduler_flags,
     validate_vllm_settings,
 )
 from pipeline.backends.vllm.engine_cache import engine_key
@@ -160,6 +161,7 @@ class VLLMServerBackend(VLLMPlugins, OpenAIBackend):
         ]
         if c.quantization:
             cmd += ["--quantization", c.quantization]
+        cmd += scheduler_flags(c)  # null: vLLM's own default
         if m.weights == "random":
             cmd += ["--load-format", "dummy"]
         if m.revision:
