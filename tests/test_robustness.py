@@ -201,9 +201,43 @@ def test_unreachable_tracking_keeps_results_and_sync_logs_them_later(tmp_path: P
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 
 
+@pytest.fixture(scope="module")
+def preset_dry_runs(tmp_path_factory: pytest.TempPathFactory,
+                    model_dir: str) -> dict[str, subprocess.CompletedProcess]:
+    """Every experiment preset's dry run as a user types it, two at a time: each is one
+    mostly single-threaded process, and the machine has two cores."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    base = tmp_path_factory.mktemp("presets")
+    # a preset that measures an HF folder of the user's gets the packaged model's folder
+    needs = {"gguf_quant": [f"model.path={model_dir}"]}
+
+    def one(name: str) -> tuple[str, subprocess.CompletedProcess]:
+        return name, run_cli("-m", f"+experiment={name}", "dry_run=true",
+                             f"paths.output_dir={base / name}", *needs.get(name, []),
+                             timeout=300)
+
+    with ThreadPoolExecutor(2) as pool:
+        return dict(pool.map(one, EXPERIMENTS))
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_every_experiment_preset_validates_as_a_sweep(name: str, tmp_path: Path) -> None:
-    p = run_cli("-m", f"+experiment={name}", "dry_run=true", f"paths.output_dir={tmp_path}",
-                timeout=180)
+def test_every_experiment_preset_validates_as_a_sweep(
+        name: str, preset_dry_runs: dict[str, subprocess.CompletedProcess]) -> None:
+    p = preset_dry_runs[name]
     assert p.returncode == 0, p.stdout[-1500:] + p.stderr[-1500:]
-    assert p.stdout.count("valid: ") >= 2  # each preset sweeps at least two jobs
+    # each preset sweeps at least two jobs, every one valid ("invalid: ..." lines of
+    # failed jobs would contain "valid: ": count whole lines)
+    assert sum(ln.startswith("valid: ") for ln in p.stdout.splitlines()) >= 2
+    assert "FAILED" not in p.stdout, p.stdout[-1500:]
+
+
+def test_the_gguf_quant_preset_needs_an_hf_folder(tmp_path: Path) -> None:
+    """The packaged model is already a GGUF (no unquantized source to measure the loss
+    from): without model.path every job of the preset is refused, naming the key, and the
+    sweep exits 1 as any sweep whose jobs failed."""
+    p = run_cli("-m", "+experiment=gguf_quant", "dry_run=true",
+                f"paths.output_dir={tmp_path}", timeout=180)
+    assert p.returncode == 1, p.stdout[-1500:] + p.stderr[-1500:]
+    assert p.stderr.count("model.path=None is invalid") == 4, p.stderr[-1500:]
+    assert not any(ln.startswith("valid: ") for ln in p.stdout.splitlines())
