@@ -162,6 +162,18 @@ def measure_machine_early(spec: Config) -> None:
         log.warning("machine rates not measured before loading: %s", e)
 
 
+def sequences_in_flight(spec: Config, online: bool, applied: dict, n_requests: int) -> int:
+    """Sequences decoded together, what the roofline divides the weights' bytes among: the
+    batch offline; online the concurrency limit, never more than the server's slots
+    (llama.cpp's ``n_parallel``, as its ``/props`` reports them) nor the requests."""
+    w = spec.workload
+    in_flight = (w.concurrency or n_requests) if online else w.batch_size
+    slots = applied.get("server_slots")
+    if online and isinstance(slots, int) and slots > 0:
+        in_flight = min(in_flight, slots)
+    return max(1, min(in_flight, n_requests))
+
+
 def job_roofline(spec: Config, online: bool, applied: dict, metrics: dict, n_requests: int,
                  model_dir: str, provenance: dict | None = None) -> dict[str, float]:
     """The job's roofline figures (:func:`pipeline.measure.roofline.roofline_metrics`) for
@@ -169,11 +181,8 @@ def job_roofline(spec: Config, online: bool, applied: dict, metrics: dict, n_req
     from pipeline.devices import resolve_dtype_name
     from pipeline.measure.roofline import roofline_metrics
 
-    w = spec.workload
-    # sequences decoded together: the batch offline, the concurrency limit online
-    in_flight = (w.concurrency or n_requests) if online else w.batch_size
     try:
-        return roofline_metrics(applied, min(in_flight, n_requests),
+        return roofline_metrics(applied, sequences_in_flight(spec, online, applied, n_requests),
                                 metrics.get("output_tokens_per_s", 0.0),
                                 Path(spec.paths.cache_dir).resolve(), model_dir,
                                 resolve_dtype_name(spec.model.dtype, spec.model.device),

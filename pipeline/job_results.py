@@ -107,11 +107,6 @@ def print_summary(results: JobResult, spec: Config) -> None:
     applied = results.applied
     if applied:
         print("applied: " + ", ".join(f"{k}={v}" for k, v in applied.items()))
-    from pipeline.job_measure import recorded_params
-
-    recorded = recorded_params(spec, results.metrics)
-    if recorded:
-        print("recorded: " + ", ".join(f"{k}={v}" for k, v in recorded.items()))
     if spec.tracking.enabled and results.mlflow_run_id:
         uri = tracking_uri(spec)
         try:  # the run's URL needs its experiment's id

@@ -155,7 +155,10 @@ def test_priced_plain_job_logs_cost_and_no_made_up_energy(priced_job: tuple[Path
 
     out, stdout = priced_job
     (res_file,) = list(out.glob("runs/*/results.json"))
-    m = json.loads(res_file.read_text())["metrics"]
+    res = json.loads(res_file.read_text())
+    m = res["metrics"]
+    # the price the figures used is part of what the job applied (results.json)
+    assert res["applied"]["cost.usd_per_hour_used"] == "1.2"
     want = 1.2 / (3600 * m["output_tokens_per_s"]) * 1e6
     assert m["usd_per_million_output_tokens"] == pytest.approx(want)
     assert "$/Mtok out" in stdout and "cost.price_source_used=Colab Pro L4 list price" in stdout

@@ -176,4 +176,5 @@ def test_html_plots_are_interactive_with_plotlyjs_inlined_once(tmp_path: Any) ->
     md = (tmp_path / "i" / "report.md").read_text()
     assert "![" in md and "quality_vs_diversity.png" in md  # markdown keeps the PNGs
     static = _report(tmp_path / "s", False)
-    assert static.count("data:image/png;base64,") == 3 and "Plotly" not in static
+    # the three plots above plus the decision section's speed-vs-quality front
+    assert static.count("data:image/png;base64,") == 4 and "Plotly" not in static

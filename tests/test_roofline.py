@@ -248,3 +248,19 @@ def test_a_busy_reading_serves_this_process_for_a_while(tmp_path: Path, monkeypa
     later = machine_rates.cached_bandwidth(tmp_path, "cpu", reuse_busy_s=0.0)  # aged out
     assert len(calls) == 2 and later["bandwidth_bytes_per_s"] == 2e9  # the better one kept
     assert not list(tmp_path.glob("roofline/*.json"))
+
+
+def test_sequences_in_flight_are_capped_by_the_servers_slots() -> None:
+    """The roofline divides the weights' bytes among the sequences decoded together:
+    offline the batch; online the concurrency limit, but a llama.cpp server with 4 slots
+    decodes at most 4 of 8 concurrent requests together (the rest wait in its queue)."""
+    from pipeline.config import validate
+    from pipeline.job_measure import sequences_in_flight
+    from tests.conftest import compose_config
+
+    spec = validate(compose_config("workload.batch_size=2", "workload.concurrency=8"))
+    assert sequences_in_flight(spec, False, {}, 10) == 2
+    assert sequences_in_flight(spec, True, {}, 10) == 8
+    assert sequences_in_flight(spec, True, {"server_slots": 4}, 10) == 4
+    assert sequences_in_flight(spec, True, {"server_slots": 16}, 10) == 8
+    assert sequences_in_flight(spec, True, {}, 3) == 3  # never more than the requests

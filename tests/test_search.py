@@ -1,8 +1,9 @@
 """Searching instead of sweeping a grid (``hydra/sweeper=optuna``): the search-space parser,
-what a job's result means to its trial, the best trial(s), a real search of hf jobs end to
-end (search.json, the MLflow parent, a failed trial, resuming), and vLLM's scheduler keys
-reaching the engine. The search_vllm preset is dry-run by tests/test_robustness.py with
-every other preset."""
+what a job's result and its quality verdict mean to its trial, the best trial(s), a real
+search of hf jobs end to end (search.json, the MLflow parent, a failed trial, the best
+trial rerun with repeats, the per-trial gate on its job folders, resuming), and vLLM's
+scheduler keys reaching the engine. The search_vllm preset is dry-run by
+tests/test_robustness.py with every other preset."""
 
 from __future__ import annotations
 
@@ -75,13 +76,17 @@ def test_search_settings_refused_in_one_line() -> None:
 
 def test_search_section_validated() -> None:
     """Metric names must be catalog names (pattern rows included), directions
-    maximize|minimize, a constraint needs a bound; what is not available is refused."""
+    maximize|minimize, a constraint needs a bound or a known verdict (and then a fixed
+    baseline), rerun_best is 0 or >= 2 with one objective."""
     from pipeline.config.schemas import SearchConfig, SearchConstraint, SearchObjective
     from pipeline.config.validation import validate_search
     from pipeline.errors import ConfigError
 
     validate_search(SearchConfig([SearchObjective("ttft_ms_p90", "minimize")],
                                  [SearchConstraint("peak_rss_bytes", max=2e9)]))
+    validate_search(SearchConfig(constraints=[SearchConstraint(gate_verdict_not="degraded")],
+                                 rerun_best=3), reference_run="0")
+    two = [SearchObjective("ttft_ms_p90", "minimize"), SearchObjective()]
     for cfg, needle in (
         (SearchConfig([SearchObjective("tokens_per_s")]),
          "search.objectives[0].metric='tokens_per_s' is invalid: not a metric name"),
@@ -90,13 +95,60 @@ def test_search_section_validated() -> None:
         (SearchConfig([]), "search.objectives=[] is invalid"),
         (SearchConfig(constraints=[SearchConstraint("ttft_ms_p90")]),
          "search.constraints[0].max=None is invalid: give max and/or min"),
+        (SearchConfig(constraints=[SearchConstraint(gate_verdict_not="bad")]),
+         "search.constraints[0].gate_verdict_not='bad' is invalid: allowed values are "
+         "equivalent, numerics, degraded, unverified"),
         (SearchConfig(constraints=[SearchConstraint(gate_verdict_not="degraded")]),
-         "gate_verdict_not='degraded' is invalid: quality-verdict constraints are not"),
-        (SearchConfig(rerun_best=3), "search.rerun_best=3 is invalid: rerunning"),
+         "scoring.reference_run=None is invalid: search.constraints[0].gate_verdict_not "
+         "needs a fixed baseline"),
+        (SearchConfig(constraints=[SearchConstraint("ttft_ms_p90", max=1.0,
+                                                    gate_verdict_not="degraded")]),
+         "search.constraints[0].metric='ttft_ms_p90' is invalid: a constraint is either"),
+        (SearchConfig(rerun_best=1), "search.rerun_best=1 is invalid: use 0 (off) or a "
+                                     "repeat count >= 2"),
+        (SearchConfig(two, rerun_best=2), "search.rerun_best=2 is invalid: 2 objectives "
+                                          "have a Pareto front"),
     ):
         with pytest.raises(ConfigError) as e:
-            validate_search(cfg)
+            validate_search(cfg, reference_run=None)
         assert needle in str(e.value)
+
+
+def test_verdict_constraint_and_rerun_overrides() -> None:
+    """A ``gate_verdict_not`` constraint breaks (1.0) on the banned verdict and on a trial
+    that could not be judged, keeps (0.0) on any other verdict, next to metric bounds; the
+    rerun's overrides are the fixed ones without their repeats, the best trial's, then the
+    repeats; its search.json block keeps the objective and its interval as logged."""
+    from pipeline.analysis.search import job_outcome, rerun_overrides, rerun_result
+    from pipeline.config.schemas import SearchConfig, SearchConstraint, SearchObjective
+
+    s = SearchConfig([SearchObjective("output_tokens_per_s")],
+                     [SearchConstraint("ttft_ms_p90", max=500.0),
+                      SearchConstraint(gate_verdict_not="degraded")])
+    job = {"status": "FINISHED", "metrics": {"output_tokens_per_s": 9.0, "ttft_ms_p90": 100}}
+    for verdict, feasible in (("equivalent", True), ("numerics", True), ("unverified", True),
+                              ("degraded", False), (None, False)):
+        out = job_outcome(job, s, {"verdict": verdict, "reason": "why", "mean_kl": 0.1})
+        assert out.feasible is feasible and out.values == [9.0]
+        assert out.constraints == [-400.0, 0.0 if feasible else 1.0]
+        assert out.gate == {"verdict": verdict, "reason": "why"}
+    ungated = job_outcome(job, s)
+    assert not ungated.feasible and ungated.gate == {"verdict": None,
+                                                     "reason": "the trial was not gated"}
+    assert job_outcome(job, SearchConfig()).gate is None
+
+    fixed = ["workload.num_prompts=2", "workload.repeats=5", "+workload.repeats=4"]
+    assert rerun_overrides(fixed, ["workload.batch_size=2", "backend.max_num_seqs=4"], 3) == [
+        "workload.num_prompts=2", "workload.batch_size=2", "backend.max_num_seqs=4",
+        "workload.repeats=3"]
+    ret = {"status": "FINISHED", "metrics": {"output_tokens_per_s": 4.0, "ttft_ms_p90": 1.0,
+                                             "output_tokens_per_s_ci95": 0.5}}
+    assert rerun_result(7, ["a=1"], ret, s) == {
+        "job": 7, "overrides": ["a=1"], "status": "FINISHED",
+        "metrics": {"output_tokens_per_s": 4.0, "output_tokens_per_s_ci95": 0.5}}
+    failed = rerun_result(7, ["a=1"], None, s)
+    assert failed["status"] == "FAILED" and failed["metrics"] == {} and "raised" in failed[
+        "error"]
 
 
 def test_job_outcome_and_best_trials() -> None:
@@ -139,7 +191,8 @@ def test_job_outcome_and_best_trials() -> None:
 def search_run(tmp_path_factory: pytest.TempPathFactory, model_dir: str
                ) -> tuple[Any, Path, Path]:
     """One real search: grid over batch sizes 0 (refused by validation: a FAILED job, no
-    model load), 1 and 2 of two prompts and four new tokens on hf, three trials."""
+    model load), 1 and 2 of two prompts and four new tokens on hf, three trials, then the
+    best trial rerun with two repeats (job 3)."""
     out = tmp_path_factory.mktemp("search") / "outputs"
     sweep_dir = out / "multirun" / "s"
     p = run_cli("-m", "hydra/sweeper=optuna", "hydra.sweeper.sampler=grid",
@@ -147,7 +200,7 @@ def search_run(tmp_path_factory: pytest.TempPathFactory, model_dir: str
                 f"hydra.sweep.dir={sweep_dir}", f"paths.output_dir={out}",
                 f"paths.cache_dir={CACHE_DIR}", "workload.num_prompts=2",
                 "workload.max_new_tokens=4", "workload.warmup=0", "scoring.perplexity=false",
-                "scoring.diversity=false", "print_table=false")
+                "scoring.diversity=false", "print_table=false", "search.rerun_best=2")
     return p, out, sweep_dir
 
 
@@ -155,8 +208,9 @@ def search_run(tmp_path_factory: pytest.TempPathFactory, model_dir: str
 def test_search_end_to_end(search_run: tuple[Any, Path, Path]) -> None:
     """Three trials run as three jobs of one sweep; search.json holds each trial's params,
     state and value (equal to its job's results.json metric), the FAILED job's trial is
-    told FAIL, the best trial is the larger throughput; the MLflow parent has the three
-    jobs as children and the best trial's value and params."""
+    told FAIL, the best trial is the larger throughput; the best trial's overrides ran once
+    more as job 3 with two repeats, its mean and interval in search.json's rerun block; the
+    MLflow parent has the four jobs as children and the best trial's value and params."""
     from mlflow.tracking import MlflowClient
 
     p, out, sweep_dir = search_run
@@ -181,12 +235,21 @@ def test_search_end_to_end(search_run: tuple[Any, Path, Path]) -> None:
     (best,) = summary["best"]
     assert best["values"][0] == max(t["values"][0] for t in done)
     assert summary["counts"] == {"trials": 3, "complete": 2, "failed": 1, "infeasible": 0}
+    rerun = summary["rerun"]
+    again = json.loads((sweep_dir / "3" / "results.json").read_text())
+    assert rerun["job"] == 3 and again["status"] == "FINISHED" == rerun["status"]
+    assert rerun["overrides"][-2:] == best["overrides"] + ["workload.repeats=2"]
+    assert again["config"]["workload"]["repeats"] == 2
+    assert again["config"]["workload"]["batch_size"] == best["params"]["workload.batch_size"]
+    assert rerun["metrics"] == {k: again["metrics"][k] for k in (
+        "output_tokens_per_s", "output_tokens_per_s_repeat_mean", "output_tokens_per_s_ci95")}
+    assert "  rerun: job 3 (workload.repeats=2, FINISHED): output_tokens_per_s=" in p.stdout
 
     client = MlflowClient(f"sqlite:///{out}/mlflow/mlflow.db")
     parent = client.get_run((sweep_dir / "mlflow_parent_run_id").read_text().strip())
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert len(children) == 3
+    assert len(children) == 4 and parent.data.tags["search.rerun_job"] == "3"
     assert parent.data.metrics["search.best.output_tokens_per_s"] == best["values"][0]
     assert parent.data.params["search.best.workload.batch_size"] == str(
         best["params"]["workload.batch_size"])
@@ -197,11 +260,50 @@ def test_search_end_to_end(search_run: tuple[Any, Path, Path]) -> None:
 
 
 @pytest.mark.slow
+def test_search_gates_a_trial_on_its_job_folders(search_run: tuple[Any, Path, Path]) -> None:
+    """The sweeper's per-trial gate hook on the search's own finished job folders (a real
+    gate call each, no model load: KL is not informative between equal settings): a job
+    against itself as ``scoring.reference_run`` is equivalent, so a ``gate_verdict_not``
+    constraint keeps it; another batch size is another task, not judged, so infeasible; a
+    FAILED job is no baseline."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.infersweep_optuna.optuna_sweeper import OptunaSweeper
+    from pipeline.analysis.search import job_outcome
+    from pipeline.config.schemas import SearchConfig, SearchConstraint
+
+    _, _, sweep_dir = search_run
+    trials = json.loads((sweep_dir / "search.json").read_text())["trials"]
+    job = {t["params"]["workload.batch_size"]: t["job"] for t in trials}
+    sweeper = OptunaSweeper()
+    sweeper.config = OmegaConf.load(sweep_dir / "multirun.yaml")
+    s = SearchConfig(constraints=[SearchConstraint(gate_verdict_not="degraded")])
+
+    def gate(ref: int, num: int) -> tuple[dict[str, Any], bool]:
+        sweeper.config.scoring.reference_run = str(ref)
+        row = sweeper._gate(SimpleNamespace(hydra_cfg=None), sweep_dir, num)
+        result = json.loads((sweep_dir / str(num) / "results.json").read_text())
+        return row, job_outcome(result, s, row).feasible
+
+    same, ok = gate(job[1], job[1])
+    assert same["verdict"] == "equivalent" and same["exact_match_rate"] == 1.0 and ok
+    other, ok = gate(job[1], job[2])
+    assert other == {"verdict": None,
+                     "reason": f"not comparable with baseline {job[1]}: another task"}
+    assert not ok
+    failed, ok = gate(job[0], job[1])
+    assert failed["verdict"] is None and not ok
+    assert failed["reason"] == f"no finished baseline scoring.reference_run={job[0]}"
+
+
+@pytest.mark.slow
 def test_search_resumes_its_study(search_run: tuple[Any, Path, Path]) -> None:
     """The same search rerun into its folder without ``resume=true`` is refused (the study
     exists); with it, the study's three trials count and a fourth (random now: the grid is
-    used up) runs as job 3: a batch size already measured is SKIPPED with its metrics, 0
-    fails again; the sweep's new parent run holds it."""
+    used up) runs as job 4 (3 is the rerun's): a batch size already measured is SKIPPED
+    with its metrics, 0 fails again; the sweep's new parent run holds it."""
     from mlflow.tracking import MlflowClient
 
     _, out, sweep_dir = search_run
@@ -217,9 +319,9 @@ def test_search_resumes_its_study(search_run: tuple[Any, Path, Path]) -> None:
     p = run_cli(*common, "hydra.sweeper.n_trials=4", "resume=true")
     assert "has 3 finished trial(s); 1 to go" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
     summary = json.loads((sweep_dir / "search.json").read_text())
-    assert [t["job"] for t in summary["trials"]] == [0, 1, 2, 3]
+    assert [t["job"] for t in summary["trials"]] == [0, 1, 2, 4]
     fourth = summary["trials"][3]
-    result = json.loads((sweep_dir / "3" / "results.json").read_text())
+    result = json.loads((sweep_dir / "4" / "results.json").read_text())
     if fourth["params"]["workload.batch_size"] == 0:
         assert fourth["state"] == "fail" and result["status"] == "FAILED"
     else:  # the same job as before: resume=true skips it and returns its metrics

@@ -3,7 +3,10 @@
 Optuna (``pip install -e '.[search]'``) proposes each trial; this plugin only turns a trial
 into a job (overrides launched through the configured Hydra launcher, so trials are jobs of
 the sweep: one MLflow parent, the sweep table, the report) and the job's metrics back into
-the trial's values (:mod:`pipeline.analysis.search`). The search space (:mod:`.space`) is
+the trial's values (:mod:`pipeline.analysis.search`); a verdict constraint gates each
+finished trial against ``scoring.reference_run`` here, in the parent process, and
+``search.rerun_best`` reruns the best trial with repeats as one more job after the last
+trial (not a trial of the study). The search space (:mod:`.space`) is
 ``hydra.sweeper.params`` plus the sweep overrides of the command line, in Hydra's override
 grammar: ``a,b`` / ``choice(a,b)`` categorical, ``range(1,9)`` integers (step kept),
 ``interval(0.1,1.0)`` floats, ``int(interval(1,64))`` integers, ``tag(log, interval(...))``
@@ -120,7 +123,7 @@ class OptunaSweeper(Sweeper):
         check_range("hydra.sweeper.n_jobs", self.n_jobs, 1)
         check_range("hydra.sweeper.n_startup_trials", self.n_startup_trials, 0, optional=True)
         search = OmegaConf.to_object(self.config.search)
-        validate_search(search)
+        validate_search(search, OmegaConf.select(self.config, "scoring.reference_run"))
         if self.sampler_name not in SAMPLERS:
             raise ConfigError(f"hydra.sweeper.sampler={self.sampler_name!r} is invalid: "
                               f"allowed values are {', '.join(SAMPLERS)}")
@@ -175,16 +178,15 @@ class OptunaSweeper(Sweeper):
              sweep_dir: Path) -> list[Any]:
         from optuna.trial import TrialState
 
-        from pipeline.analysis.search import job_outcome
+        from pipeline.analysis.search import MEASURED, job_outcome, needs_gate
 
         assert self.config is not None and self.launcher is not None
-        dry = bool(self.config.dry_run)
+        dry, gated = bool(self.config.dry_run), needs_gate(search)
         dists = {n: p.distribution for n, p in space.items()}
         self._requeue_interrupted(study)
         done = [t for t in study.get_trials(deepcopy=False)
                 if t.state.is_finished() and not t.user_attrs.get("interrupted")]
-        next_job = 1 + max((int(t.user_attrs.get("job", -1))
-                            for t in study.get_trials(deepcopy=False)), default=-1)
+        next_job = _next_job(study)
         left = self.n_trials - len(done)
         if done:
             print(f"resume: study {study.study_name} has {len(done)} finished trial(s); "
@@ -209,9 +211,14 @@ class OptunaSweeper(Sweeper):
                 if dry:
                     _tell(study, t, state=TrialState.PRUNED)
                     continue
-                out = job_outcome(ret, search)
+                gate = None
+                if gated and ret is not None and str(ret.get("status")) in MEASURED:
+                    gate = self._gate(r, sweep_dir, int(t.user_attrs["job"]))
+                out = job_outcome(ret, search, gate)
                 t.set_user_attr("constraints", out.constraints)
                 t.set_user_attr("feasible", out.feasible)
+                if out.gate is not None:
+                    t.set_user_attr("gate", out.gate)
                 if out.state == "fail":
                     t.set_user_attr("error", out.reason)
                     _tell(study, t, state=TrialState.FAIL)
@@ -219,11 +226,14 @@ class OptunaSweeper(Sweeper):
                           f"{out.reason}")
                 else:
                     _tell(study, t, values=out.values)
+                    verdict = (f"; gate {out.gate['verdict']} ({out.gate['reason']})"
+                               if out.gate else "")
                     print(f"trial {t.number} (job {t.user_attrs['job']}): values "
-                          f"{out.values}" + ("" if out.feasible else " (infeasible)"))
+                          f"{out.values}" + ("" if out.feasible else " (infeasible)")
+                          + verdict)
             left -= len(trials)
         if not dry:
-            self._finish(study, space, search, sweep_dir)
+            returns += self._finish(study, space, fixed, search, sweep_dir)
         else:
             print(f"dry run: {self.n_trials} trial configuration(s) validated; nothing "
                   f"stored")
@@ -243,6 +253,41 @@ class OptunaSweeper(Sweeper):
             i = j
         return out
 
+    def _gate(self, r: Any, sweep_dir: Path, job: int) -> dict[str, Any]:
+        """The finished trial's job gated against ``scoring.reference_run``
+        (:func:`pipeline.analysis.gate.gate_one`); a gate that raises leaves it unjudged."""
+        from pipeline.analysis.gate import gate_one
+
+        # the job's output folder (``working_dir`` is the launch folder under chdir=false)
+        cfg = getattr(r, "hydra_cfg", None)
+        out = OmegaConf.select(cfg, "hydra.runtime.output_dir") if cfg is not None else None
+        job_dir = Path(out or sweep_dir / str(job))
+        try:
+            return gate_one(self.config, sweep_dir, job_dir)
+        except Exception as e:  # the search goes on: the trial counts as not judged
+            log.warning("gate: could not judge job %s: %s", job, e)
+            return {"verdict": None, "reason": f"the gate failed: {e}"}
+
+    def _rerun(self, study: Any, best: dict[str, Any], fixed: list[str], search: Any
+               ) -> tuple[dict[str, Any], list[Any]]:
+        """The best trial's overrides once more with ``workload.repeats``, as the sweep's
+        next job (kept in the study's ``rerun_jobs`` so a resumed search skips its number;
+        Optuna is not told: it is no trial)."""
+        from pipeline.analysis.search import rerun_overrides, rerun_result
+
+        job = _next_job(study)
+        study.set_user_attr("rerun_jobs", [*study.user_attrs.get("rerun_jobs", []), job])
+        overrides = rerun_overrides(fixed, best["overrides"], search.rerun_best)
+        print(f"rerun: best trial {best['number']} (job {best['job']}) as job {job} with "
+              f"workload.repeats={search.rerun_best}")
+        try:
+            self.validate_batch_is_legal([overrides])
+            results = self._launch([overrides], [job])
+        except Exception as e:  # the trials' result (search.json) must not be lost to it
+            log.error("rerun: could not launch job %s: %s", job, e)
+            return {**rerun_result(job, overrides, None, search), "error": str(e)}, []
+        return rerun_result(job, overrides, _return_value(results[0]), search), results
+
     @staticmethod
     def _requeue_interrupted(study: Any) -> None:
         """A resumed study's trials left RUNNING by the killed search fail (marked
@@ -255,9 +300,10 @@ class OptunaSweeper(Sweeper):
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             study.enqueue_trial(t.params, user_attrs={"job": t.user_attrs.get("job")})
 
-    def _finish(self, study: Any, space: dict[str, Param], search: Any,
-                sweep_dir: Path) -> None:
-        """search.json, the printed best trial(s), the best trial on the MLflow parent."""
+    def _finish(self, study: Any, space: dict[str, Param], fixed: list[str], search: Any,
+                sweep_dir: Path) -> list[Any]:
+        """The rerun of the best trial (``search.rerun_best``), search.json, the printed best
+        trial(s), the best trial on the MLflow parent; returns the rerun's job results."""
         from pipeline.analysis.search import (
             log_search_to_parent,
             print_search,
@@ -279,15 +325,22 @@ class OptunaSweeper(Sweeper):
                            "values": t.values, "state": state,
                            "feasible": bool(t.user_attrs.get("feasible", False)),
                            "constraints": t.user_attrs.get("constraints", []),
+                           "gate": t.user_attrs.get("gate"),
                            "error": t.user_attrs.get("error")})
         info = {"study_name": study.study_name, "storage": self.storage_url,
                 "sampler": self.sampler_name, "seed": int(self.config.seed),
                 "n_trials": self.n_trials,
                 "space": {n: repr(p.distribution) for n, p in space.items()}}
         summary = search_summary(trials, search, info)
+        rerun: list[Any] = []
+        if search.rerun_best and len(summary["best"]) == 1:
+            summary["rerun"], rerun = self._rerun(study, summary["best"][0], fixed, search)
+        elif search.rerun_best:
+            print("rerun: no feasible trial to rerun")
         write_search_json(sweep_dir, summary)
         print_search(summary)
         log_search_to_parent(self.config, sweep_dir, summary)
+        return [rerun] if rerun else []
 
 
 def _tell(study: Any, trial: Any, **kw: Any) -> None:
@@ -299,6 +352,12 @@ def _tell(study: Any, trial: Any, **kw: Any) -> None:
     except RuntimeError as e:
         if "Study.stop" not in str(e):
             raise
+
+
+def _next_job(study: Any) -> int:
+    """The next free job number: after every trial's and every rerun's."""
+    jobs = [int(t.user_attrs.get("job", -1)) for t in study.get_trials(deepcopy=False)]
+    return 1 + max([*jobs, *study.user_attrs.get("rerun_jobs", [])], default=-1)
 
 
 def _grid_done(study: Any) -> bool:

@@ -8,14 +8,14 @@ switched on is the baseline of the others. What each ``backend.*`` field is (tas
 optimization with its "off" value, or bookkeeping) is declared by its backend class
 (``Backend.settings``, :class:`pipeline.backends.base.Setting`), never listed here.
 
-The figures (``pipeline/analysis/gate_rules.py``) go to ``<sweep>/gate.json``, to each optimized
-job's MLflow run (``gate.*`` metrics, a ``gate_verdict`` tag) and to the sweep's parent run
-(``gate.job<N>.*``), and from there to the report's "Fast but wrong?" table.
+The figures (``gate_rules.py``) go to ``<sweep>/gate.json``, to each optimized job's MLflow
+run (``gate.*`` metrics, a ``gate_verdict`` tag), to the sweep's parent run (``gate.job<N>.*``)
+and from there to the report's "Fast but wrong?" table.
 
-Teacher-forced KL needs a backend that can score a token sequence
-(``next_token_logprobs``, duck-typed: today the transformers backend); the two settings are
-loaded one after the other in this process, after the sweep's jobs, for at most
-``scoring.gate_max_requests`` requests each (the cost stays small).
+Teacher-forced KL needs a backend that can score a token sequence (``next_token_logprobs``,
+duck-typed: today the transformers backend); the two settings are loaded one after the other
+in this process for at most ``scoring.gate_max_requests`` requests each (the cost stays small).
+:func:`gate_one` gates one job against the fixed baseline (a search's trial, right after it).
 """
 
 from __future__ import annotations
@@ -206,7 +206,6 @@ def teacher_forced(base: JobResult, opt: JobResult, cache_dir: Path, max_request
     records = sorted(records, key=lambda r: r["index"])[:max_requests]
     if not records or not (can_score(base.config) and can_score(opt.config)):
         return None  # checked first: loading the baseline for nothing costs a model load
-    base_lp: list[Any] = []
     backend, _, requests = _scoring_backend(base.config, cache_dir)
     if backend is None:
         return None
@@ -252,44 +251,74 @@ def _load_reference(config: Any, ref: str) -> tuple[None, JobResult] | None:
         return None
 
 
+def _settings(config: Any) -> tuple[str | None, int]:
+    scoring = config.get("scoring", {}) if hasattr(config, "get") else {}
+    ref = scoring.get("reference_run")
+    return (None if ref in (None, "") else str(ref)), int(scoring.get("gate_max_requests", 4)
+                                                          or 0)
+
+
+def _pair_row(base: tuple[Path | None, JobResult], opt: tuple[Path, JobResult],
+              cache_dir: Path, max_requests: int) -> dict[str, Any]:
+    """Every gate figure of one (baseline, optimized) pair, its verdict and who they are."""
+    (bdir, b), (odir, o) = base, opt
+    informative = kl_informative(b.config, o.config)
+    tf = None
+    if informative and max_requests > 0:
+        try:
+            tf = teacher_forced(b, o, cache_dir, max_requests)
+        except Exception as e:  # a report: never fail the finished sweep
+            log.warning("gate: teacher-forced scoring failed for job %s: %s", o.job_num, e)
+    row = g.summarize(token_parity(b.requests, o.requests), *(tf or (None, None, None)),
+                      b.metrics, o.metrics, informative)
+    row.update(
+        baseline={"job": b.job_num, "dir": bdir.name if bdir else None,
+                  "run_id": b.mlflow_run_id, "label": _label(b)},
+        optimized={"job": o.job_num, "dir": odir.name,
+                   "label": " ".join(x for x in o.overrides or []
+                                     if x not in (b.overrides or [])) or _label(o)},
+        optimizations=gated_optimizations(b.config, o.config),
+        speedup=_speedup(b.metrics, o.metrics),
+    )
+    return row
+
+
+def gate_one(config: Any, sweep_dir: Path, job_dir: Path) -> dict[str, Any]:
+    """One finished job of the sweep (its folder's results.json) against the fixed baseline
+    ``scoring.reference_run`` (a job number of the sweep or an MLflow run id): the gate's
+    row (``verdict``, ``reason``, the figures) as :func:`sweep_gate` computes it, or
+    ``{"verdict": None, "reason": why}`` when it cannot be judged (no baseline, the job did
+    not finish, another task than the baseline's). Writes nothing."""
+    ref, max_requests = _settings(config)
+    try:
+        job = JobResult.from_dict(json.loads((Path(job_dir) / "results.json").read_text()))
+    except (OSError, json.JSONDecodeError, TypeError) as e:
+        return {"verdict": None, "reason": f"no readable results.json in {job_dir} ({e})"}
+    by_num = {str(r.job_num): (d, r) for d, r in finished_jobs(Path(sweep_dir))}
+    reference = by_num.get(str(ref)) if not ref or ref.isdigit() else _load_reference(config, ref)
+    if not (job.finished and job.config):
+        return {"verdict": None, "reason": f"the job is {job.status}, not FINISHED"}
+    if reference is None:
+        return {"verdict": None, "reason": f"no finished baseline scoring.reference_run={ref}"}
+    if comparable_key(reference[1].config) != comparable_key(job.config):
+        return {"verdict": None, "reason": f"not comparable with baseline {ref}: another task"}
+    cache_dir = Path(str(config.paths.cache_dir)).resolve()
+    return _pair_row(reference, (Path(job_dir), job), cache_dir, max_requests)
+
+
 def sweep_gate(config: Any, sweep_dir: Path) -> dict[str, Any] | None:
     """The gate for every (baseline, optimized) pair of the sweep; writes gate.json and
     returns it, or None when the sweep has no such pair."""
-    sweep_dir = Path(sweep_dir)
-    jobs = finished_jobs(sweep_dir)
-    scoring = config.get("scoring", {}) if hasattr(config, "get") else {}
-    ref = scoring.get("reference_run")
-    ref = None if ref in (None, "") else str(ref)
-    max_requests = int(scoring.get("gate_max_requests", 4) or 0)
+    jobs = finished_jobs(sweep_dir := Path(sweep_dir))
+    ref, max_requests = _settings(config)
     reference = None
     if ref is not None and ref not in {str(r.job_num) for _, r in jobs}:
         reference = _load_reference(config, ref)
     pairs = find_pairs(jobs, ref, reference)
     if not pairs:
         return None
-    cache_dir = Path(str(config.paths.cache_dir)).resolve()
-    out_pairs = []
-    for (bdir, b), (odir, o) in pairs:
-        informative = kl_informative(b.config, o.config)
-        tf = None
-        if informative and max_requests > 0:
-            try:
-                tf = teacher_forced(b, o, cache_dir, max_requests)
-            except Exception as e:  # a report: never fail the finished sweep
-                log.warning("gate: teacher-forced scoring failed for job %s: %s", o.job_num, e)
-        kls, nb, no = tf if tf else (None, None, None)
-        parity = token_parity(b.requests, o.requests)
-        row = g.summarize(parity, kls, nb, no, b.metrics, o.metrics, informative)
-        row.update(
-            baseline={"job": b.job_num, "dir": bdir.name if bdir else None,
-                      "run_id": b.mlflow_run_id, "label": _label(b)},
-            optimized={"job": o.job_num, "dir": odir.name,
-                       "label": " ".join(x for x in o.overrides or []
-                                         if x not in (b.overrides or [])) or _label(o)},
-            optimizations=gated_optimizations(b.config, o.config),
-            speedup=_speedup(b.metrics, o.metrics),
-        )
-        out_pairs.append(row)
+    cache = Path(str(config.paths.cache_dir)).resolve()
+    out_pairs = [_pair_row(b, o, cache, max_requests) for b, o in pairs]
     result = {"sweep_dir": str(sweep_dir), "pairs": out_pairs, "thresholds": g.THRESHOLDS}
     (sweep_dir / GATE_FILE).write_text(json.dumps(result, indent=1, default=str))
     return result
@@ -297,9 +326,7 @@ def sweep_gate(config: Any, sweep_dir: Path) -> dict[str, Any] | None:
 
 def _speedup(base: dict[str, float], opt: dict[str, float]) -> float | None:
     k = "output_tokens_per_s"
-    if base.get(k) and opt.get(k):
-        return opt[k] / base[k]
-    return None
+    return opt[k] / base[k] if base.get(k) and opt.get(k) else None
 
 
 def gate_lines(gate: dict[str, Any]) -> list[str]:
@@ -368,6 +395,6 @@ def report_sweep_gate(config: Any, sweep_dir: Path) -> dict[str, Any] | None:
     return gate
 
 
-__all__ = ["report_sweep_gate", "sweep_gate", "find_pairs", "teacher_forced",
+__all__ = ["report_sweep_gate", "sweep_gate", "gate_one", "find_pairs", "teacher_forced",
            "optimizations_on", "optimization_count", "gated_optimizations", "task_fields",
            "comparable_key", "kl_informative"]

@@ -1,9 +1,9 @@
 """A search's bookkeeping (``hydra/sweeper=optuna``, the sweeper in
 ``hydra_plugins/infersweep_optuna``): what a finished job means to its trial (objective
-values, constraint values, or why it failed), which trials are best (the feasible optimum,
-or the feasible Pareto front), ``<sweep>/search.json`` and the best trial on the sweep's
-MLflow parent run. Pure functions except :func:`write_search_json` and the MLflow helpers;
-nothing here imports Optuna.
+values, constraint values, a quality verdict, or why it failed), which trials are best (the
+feasible optimum, or the feasible Pareto front), the rerun of the best trial with repeats,
+``<sweep>/search.json`` and the best trial on the sweep's MLflow parent run. Pure functions
+except :func:`write_search_json` and the MLflow helpers; nothing here imports Optuna.
 """
 
 from __future__ import annotations
@@ -28,13 +28,15 @@ MEASURED = ("FINISHED", "SKIPPED")
 @dataclass
 class Outcome:
     """What one job says to its trial: ``state`` ``complete`` (``values`` one per objective,
-    ``constraints`` one per constraint, feasible when every one is <= 0) or ``fail``
-    (``reason`` says why)."""
+    ``constraints`` one per constraint, feasible when every one is <= 0; ``gate``: the
+    quality verdict and its reason when a constraint needs one) or ``fail`` (``reason``
+    says why)."""
 
     state: str
     values: list[float] = field(default_factory=list)
     constraints: list[float] = field(default_factory=list)
     reason: str | None = None
+    gate: dict[str, Any] | None = None
 
     @property
     def feasible(self) -> bool:
@@ -49,11 +51,26 @@ def _number(metrics: Mapping[str, Any], name: str) -> float | None:
     return float(v)
 
 
-def job_outcome(job: Mapping[str, Any] | None, search: SearchConfig) -> Outcome:
+def needs_gate(search: SearchConfig) -> bool:
+    """Whether a constraint is a quality verdict (each trial is then gated)."""
+    return any(c.gate_verdict_not is not None for c in search.constraints)
+
+
+def verdict_breach(verdict: str | None, banned: str) -> float:
+    """A ``gate_verdict_not`` constraint's value in Optuna's sign: 1.0 (broken) when the
+    trial got the banned verdict or could not be judged (``verdict`` None: no baseline of
+    its task), 0.0 (kept) for any other verdict."""
+    return 1.0 if verdict is None or verdict == banned else 0.0
+
+
+def job_outcome(job: Mapping[str, Any] | None, search: SearchConfig,
+                gate: Mapping[str, Any] | None = None) -> Outcome:
     """The trial outcome of a job's return (``run.py``'s ``main``: ``status``, ``metrics``,
     ``error``; a results.json dict reads the same). A job that did not finish, or lacks an
     objective's or a constraint's metric, fails the trial. Constraint values follow
-    Optuna's convention: ``metric - max`` and ``min - metric``, feasible when <= 0."""
+    Optuna's convention: ``metric - max`` and ``min - metric``, feasible when <= 0; a
+    verdict constraint reads ``gate`` (the job's gate row: ``verdict``, ``reason``; None
+    counts as not judged), see :func:`verdict_breach`."""
     if job is None:
         return Outcome("fail", reason="the job returned nothing (it raised)")
     status = str(job.get("status"))
@@ -68,7 +85,13 @@ def job_outcome(job: Mapping[str, Any] | None, search: SearchConfig) -> Outcome:
                                           f"job's finite metrics")
         values.append(v)
     constraints: list[float] = []
+    judged = None
     for c in search.constraints:
+        if c.gate_verdict_not is not None:
+            row = gate or {"verdict": None, "reason": "the trial was not gated"}
+            judged = {"verdict": row.get("verdict"), "reason": row.get("reason")}
+            constraints.append(verdict_breach(judged["verdict"], c.gate_verdict_not))
+            continue
         v = _number(metrics, str(c.metric))
         if v is None:
             return Outcome("fail", reason=f"constraint metric {c.metric} is not among the "
@@ -77,7 +100,34 @@ def job_outcome(job: Mapping[str, Any] | None, search: SearchConfig) -> Outcome:
         parts = [v - c.max] if c.max is not None else []
         parts += [c.min - v] if c.min is not None else []
         constraints.append(max(parts))
-    return Outcome("complete", values, constraints)
+    return Outcome("complete", values, constraints, gate=judged)
+
+
+def rerun_overrides(fixed: Sequence[str], best: Sequence[str], repeats: int) -> list[str]:
+    """The rerun job's overrides: the search's fixed overrides (any ``workload.repeats``
+    among them dropped), the best trial's overrides, then ``workload.repeats=<repeats>``."""
+    def key(o: str) -> str:
+        return o.split("=", 1)[0].lstrip("+~")
+
+    return [o for o in fixed if key(o) != "workload.repeats"] + list(best) + [
+        f"workload.repeats={repeats}"]
+
+
+def rerun_result(job: int, overrides: Sequence[str], ret: Mapping[str, Any] | None,
+                 search: SearchConfig) -> dict[str, Any]:
+    """search.json's ``rerun`` block: the job, its overrides, its status and the objective
+    as it logged it (with ``<objective>_repeat_mean`` and ``<objective>_ci95`` when logged,
+    as for ``output_tokens_per_s``); an ``error`` when it did not finish."""
+    name = search.objectives[0].metric
+    status = str((ret or {}).get("status", "FAILED"))
+    metrics = (ret or {}).get("metrics") or {}
+    out: dict[str, Any] = {"job": job, "overrides": list(overrides), "status": status,
+                           "metrics": {k: v for k in (name, f"{name}_repeat_mean",
+                                                      f"{name}_ci95")
+                                       if (v := _number(metrics, k)) is not None}}
+    if status not in MEASURED:
+        out["error"] = (ret or {}).get("error") or "the job returned nothing (it raised)"
+    return out
 
 
 def _dominates(a: Sequence[float], b: Sequence[float], signs: Sequence[float]) -> bool:
@@ -122,6 +172,7 @@ def search_summary(trials: list[dict[str, Any]], search: SearchConfig,
         },
         "trials": trials,
         "best": [dict(t) for t in best],
+        "rerun": None,
     }
 
 
@@ -145,12 +196,18 @@ def print_search(summary: Mapping[str, Any]) -> None:
         vals = ", ".join(f"{n}={v:.4g}" for n, v in zip(names, t["values"], strict=True))
         params = " ".join(t.get("overrides") or [f"{k}={v}" for k, v in t["params"].items()])
         print(f"  best: trial {t['number']} (job {t['job']}): {vals}; {params}")
+    r = summary.get("rerun")
+    if r:
+        m = r["metrics"]
+        figs = ", ".join(f"{k}={v:.4g}" for k, v in m.items()) or r.get("error")
+        print(f"  rerun: job {r['job']} ({r['overrides'][-1]}, {r['status']}): {figs}")
 
 
 def log_search_to_parent(config: Any, sweep_dir: Path, summary: Mapping[str, Any]) -> None:
     """Put the search on the sweep's MLflow parent run: trial counts, the best trial's
     values (``search.best.<metric>``, single objective) and params
-    (``search.best.<key>``), the best job numbers and ``search.json``. Never raises."""
+    (``search.best.<key>``), the best and rerun job numbers and ``search.json``. Never
+    raises."""
     from pipeline.tracking.job_runs import log_metrics
     from pipeline.tracking.parent_run import read_parent_id
     from pipeline.tracking.store import client_for
@@ -167,6 +224,8 @@ def log_search_to_parent(config: Any, sweep_dir: Path, summary: Mapping[str, Any
         params = {f"search.best.{k}": v for k, v in best[0]["params"].items()}
     tags = {"search.best_jobs": " ".join(str(t["job"]) for t in best),
             "search.sampler": summary.get("sampler"), "search.study": summary.get("study_name")}
+    if summary.get("rerun"):
+        tags["search.rerun_job"] = str(summary["rerun"]["job"])
     try:
         client, _ = client_for(config)
         log_metrics(client, parent, metrics=metrics, params=params, tags=tags)

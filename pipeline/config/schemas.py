@@ -207,7 +207,10 @@ class SearchConstraint:
     min: float | None = None
     """The metric must be >= this; null = no lower bound."""
     gate_verdict_not: str | None = None
-    """A quality verdict the trial must not get; not available yet (refused when set)."""
+    """A quality verdict the trial must not get (equivalent | numerics | degraded |
+    unverified), instead of a metric bound: each trial is gated against the fixed baseline
+    ``scoring.reference_run`` (then required) right after its job; a trial of another task
+    than the baseline's cannot be judged and is infeasible too."""
 
 
 @dataclass
@@ -222,8 +225,9 @@ class SearchConfig:
     """Bounds a trial must keep, each ``{metric: NAME, max: X}`` and/or ``min: Y``; a trial
     that breaks one is infeasible: never a best trial."""
     rerun_best: int = 0
-    """Rerunning the best configuration for its confidence interval: not available yet
-    (refused unless 0)."""
+    """0 = off; N >= 2: after the last trial, the best feasible trial runs once more as one
+    extra job of the sweep with ``workload.repeats=N`` (its mean and
+    ``output_tokens_per_s_ci95``); one objective only."""
 
 
 @dataclass

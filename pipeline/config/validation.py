@@ -200,10 +200,12 @@ def validate_workload(w: WorkloadConfig) -> None:
         fail("workload.prompts", [], "give inline prompts or workload.prompts_file")
 
 
-def validate_search(s: SearchConfig) -> None:
+def validate_search(s: SearchConfig, reference_run: Any = "") -> None:
     """The search section (``hydra/sweeper=optuna``): metric names a job logs (rows of the
-    metric catalog, pattern rows included), directions, bounds; the parts not available yet
-    are refused rather than ignored."""
+    metric catalog, pattern rows included), directions, bounds, verdicts, ``rerun_best``.
+    ``reference_run`` (the sweeper passes ``scoring.reference_run``; left out, not checked):
+    a verdict constraint needs that fixed baseline."""
+    from pipeline.analysis.gate_rules import VERDICTS
     from pipeline.config.schemas import SEARCH_DIRECTIONS
     from pipeline.metrics.catalog import entry_for
 
@@ -221,8 +223,14 @@ def validate_search(s: SearchConfig) -> None:
     for i, c in enumerate(s.constraints):
         key = f"search.constraints[{i}]"
         if c.gate_verdict_not is not None:
-            fail(f"{key}.gate_verdict_not", c.gate_verdict_not, "quality-verdict constraints "
-                 "are not available yet; bound a metric ({metric: NAME, max: X})")
+            check_choice(f"{key}.gate_verdict_not", c.gate_verdict_not, VERDICTS)
+            if c.metric is not None or c.max is not None or c.min is not None:
+                fail(f"{key}.metric", c.metric, "a constraint is either a metric bound or "
+                     "{gate_verdict_not: VERDICT}: give them as two constraints")
+            if reference_run is None:
+                fail("scoring.reference_run", None, f"{key}.gate_verdict_not needs a fixed "
+                     "baseline: a job number of the sweep or an MLflow run id")
+            continue
         known(f"{key}.metric", c.metric)
         if c.max is None and c.min is None:
             fail(f"{key}.max", None, f"give max and/or min for metric {c.metric}")
@@ -230,9 +238,13 @@ def validate_search(s: SearchConfig) -> None:
         check_range(f"{key}.min", c.min, optional=True)
         if c.max is not None and c.min is not None and c.min > c.max:
             fail(f"{key}.min", c.min, f"must be <= {key}.max={c.max}")
-    if s.rerun_best != 0:
-        fail("search.rerun_best", s.rerun_best, "rerunning the best trial is not available "
-             "yet; use 0 and rerun its overrides with workload.repeats=3")
+    if s.rerun_best != 0 and (isinstance(s.rerun_best, bool) or not isinstance(
+            s.rerun_best, int) or s.rerun_best < 2):
+        fail("search.rerun_best", s.rerun_best, "use 0 (off) or a repeat count >= 2 (a "
+             "confidence interval needs two repeats)")
+    if s.rerun_best and len(s.objectives) > 1:
+        fail("search.rerun_best", s.rerun_best, f"{len(s.objectives)} objectives have a "
+             "Pareto front, not one best trial to rerun: use 0 with several objectives")
 
 
 def validate_model(m: ModelConfig, stand_in: bool = False) -> None:
