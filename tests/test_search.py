@@ -388,3 +388,37 @@ def test_vllm_scheduler_keys_reach_the_engine(tmp_path: Path) -> None:
     assert len(keys) == 2
     with pytest.raises(ConfigError, match="backend.max_num_batched_tokens=0 is invalid"):
         VLLMBackend.validate_settings(VLLMBackendConfig(max_num_batched_tokens=0))
+
+
+@pytest.mark.slow
+def test_search_finds_the_known_best_concurrency_on_a_stub_of_known_capacity(
+        tmp_path: Path, model_dir: str) -> None:
+    """The search against a server whose answer is known, which no real engine can give
+    (so a stub: tests/stub_engine.py, its own process on 127.0.0.1). Each step of the
+    stub lasts a + b n with n requests in flight (a = 5 ms, b = 1 ms); 16 requests of 32
+    tokens at concurrency c keep n = c in flight, so TPOT = a + b c and output tok/s =
+    c / (a + b c): c = 1 -> 6 ms, 167 tok/s; c = 4 -> 9 ms, 444 tok/s; c = 16 -> 21 ms,
+    762 tok/s. Maximizing tok/s with TPOT <= 13 ms: c = 16 is the fastest but breaks the
+    bound (infeasible), so the best feasible trial is c = 4."""
+    from tests.stub_engine import stub_server
+
+    sweep_dir = tmp_path / "multirun" / "s"
+    with stub_server(0.005, 0.001) as url:
+        p = run_cli("-m", "hydra/sweeper=optuna", "hydra.sweeper.sampler=grid",
+                    "hydra.sweeper.n_trials=3", "workload.concurrency=choice(1,4,16)",
+                    "search.constraints=[{metric:tpot_ms_mean,max:13}]",
+                    "backend=openai", f"backend.base_url={url}", "workload=serving",
+                    "workload.fixed_length=false", f"hydra.sweep.dir={sweep_dir}",
+                    f"paths.output_dir={tmp_path}", f"paths.cache_dir={CACHE_DIR}",
+                    "scoring.perplexity=false", "scoring.diversity=false",
+                    "print_table=false", timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    summary = json.loads((sweep_dir / "search.json").read_text())
+    by_c = {t["params"]["workload.concurrency"]: t for t in summary["trials"]}
+    assert sorted(by_c) == [1, 4, 16]
+    tps = {c: t["values"][0] for c, t in by_c.items()}
+    print("out tok/s by concurrency:", tps, "feasible:",
+          {c: t.get("feasible") for c, t in by_c.items()})
+    assert tps[1] < tps[4] < tps[16]  # the stub's throughput grows with what is in flight
+    (best,) = summary["best"]
+    assert best["params"] == {"workload.concurrency": 4}, summary["best"]
