@@ -9,13 +9,17 @@ lag of its own. Our client is the pipeline's (``pipeline.serving.client.run_requ
 what every online backend uses); vLLM's is its benchmark's own request generator
 (``vllm.benchmarks.serve.get_request`` with the schedule as its trace timestamps) and
 request function (``async_request_openai_completions``) under its semaphore and connector
-settings, as ``vllm bench serve`` runs them. Rounds alternate which client goes first.
+settings, as ``vllm bench serve`` runs them. Rounds alternate which client goes first, after
+one discarded warm-up run of each client at the first rate.
 
     .venv/bin/python benchmarks/client_lateness.py             # 100-1600 req/s, then a burst
+    .venv/bin/python benchmarks/client_lateness.py --concurrency 0 --rates 100,200,400,800
     .venv/bin/python benchmarks/client_lateness.py --rates 200 --requests 400 --rounds 3
 
 Prints, per rate and client, the achieved send rate and the lateness p50/p99/max (median of
-the rounds, with their spread) and the tail of the TTFT each client recorded. Under a
+the rounds, with their spread), the tail of the TTFT each client recorded and the client's
+CPU time per request (this process's, the stub being another: what a busy machine must
+find for each request). Under a
 concurrency cap a request due while every slot is busy waits for one, and that wait counts
 as lateness (for both clients alike); ``--concurrency 0`` at rates the stub keeps up with
 leaves only the generator's own stalls. The stub
@@ -197,6 +201,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--concurrency", type=int, default=64,
                     help="most requests in flight (0: unbounded)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--warmup-requests", type=int, default=200,
+                    help="requests of each client's discarded warm-up run at the first rate")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     ap.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -215,19 +221,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         assert proc.stdout is not None
         base = f"http://127.0.0.1:{int(proc.stdout.readline())}"
-        for name in CLIENTS:  # warm both clients' imports and connections
-            CLIENTS[name](base, [0.0] * 8, a.tokens, conc)
+        rates = [float(x) for x in a.rates.split(",")]
+        # Discarded warm-up: each client once at the first rate. The first measured run of
+        # a fresh stub stalled for about 0.4 s whichever client went first (both orders
+        # tried), a first-run cost of the machine and stub, not of a client.
+        warm = arrival_offsets(min(a.requests, a.warmup_requests),
+                               None if rates[0] == float("inf") else rates[0], "poisson",
+                               1.0, seed=10_000)
+        for name in CLIENTS:
+            CLIENTS[name](base, warm, a.tokens, conc)
         fetch_arrivals(base)
-        for rate in [float(x) for x in a.rates.split(",")]:
+        for rate in rates:
             for k in range(a.rounds):
                 # inf: every request due at once (the burst ``--request-rate inf`` sends)
                 offsets = arrival_offsets(a.requests, None if rate == float("inf") else rate,
                                           "poisson", 1.0, seed=k)
                 order = list(CLIENTS) if k % 2 == 0 else list(CLIENTS)[::-1]
                 for name in order:
+                    # the stub is another process: this process's CPU time is the client's
+                    cpu0 = time.process_time()
                     due, ttft = CLIENTS[name](base, offsets, a.tokens, conc)
+                    cpu_ms = (time.process_time() - cpu0) * 1000 / len(offsets)
                     rows.setdefault((rate, name), []).append(
-                        lateness_figures(due, fetch_arrivals(base), ttft))
+                        {**lateness_figures(due, fetch_arrivals(base), ttft),
+                         "cpu_ms_per_request": cpu_ms})
     finally:
         proc.kill()
         proc.wait(10)
@@ -236,7 +253,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{cpu_model()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M')}, "
           f"load average {os.getloadavg()[0]:.1f}")
     print(f"{'rate':>7} {'client':<6} {'sent/s':>8} {'late p50 ms':>12} "
-          f"{'late p99 ms':>20} {'late max ms':>12} {'TTFT p99 ms':>12} {'missing':>8}")
+          f"{'late p99 ms':>20} {'late max ms':>12} {'TTFT p99 ms':>12} {'missing':>8} "
+          f"{'CPU ms/req':>10}")
     out: dict[str, Any] = {"settings": {k: v for k, v in vars(a).items() if k != "serve"},
                            "cpu": cpu_model(), "date": time.strftime("%Y-%m-%d %H:%M"),
                            "rows": []}
@@ -246,7 +264,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         hi = max(r["late_p99_ms"] for r in runs)
         print(f"{rate:>7g} {name:<6} {med['sent_per_s']:>8.0f} {med['late_p50_ms']:>12.2f} "
               f"{med['late_p99_ms']:>8.2f} [{lo:.1f}-{hi:.1f}] {med['late_max_ms']:>12.1f} "
-              f"{med['ttft_p99_ms']:>12.1f} {med['missing']:>8.0f}")
+              f"{med['ttft_p99_ms']:>12.1f} {med['missing']:>8.0f} "
+              f"{med['cpu_ms_per_request']:>10.3f}")
         out["rows"].append({"rate": rate, "client": name, "median": med, "runs": runs})
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))

@@ -26,6 +26,8 @@ def measure(backend: Backend, spec: Config, requests: list, timer: PhaseTimer,
     records (the generations that get scored) and the performance metrics. A load
     profile (online only) runs its points instead and appends them to ``load_points``."""
     w = spec.workload
+    if w.source == "conversations":  # validation: online backends, profile=fixed
+        return measure_conversations(backend, spec, requests, timer)
     if backend.online and w.profile != "fixed":
         from pipeline.serving.runner import run_profile
 
@@ -103,6 +105,56 @@ def measure(backend: Backend, spec: Config, requests: list, timer: PhaseTimer,
     metrics.update(energy.metrics(_output_tokens(all_records)))
     metrics.update(job_cost(spec, metrics))
     return first, metrics
+
+
+def measure_conversations(backend: Any, spec: Config, requests: list, timer: PhaseTimer
+                          ) -> tuple[list[RequestRecord], dict[str, float]]:
+    """Warm up (the first turn of the first conversation), then run the conversations once
+    (the online backend's ``serve_conversations``) under the engine's own metrics; return
+    every turn's record and the job's metrics: latencies, output rate, ``conversations``,
+    ``conversation_turns_completed`` and ``ttft_ms_last_turn_over_first``. ``requests`` (the
+    first turns) is extended in place to every turn sent, so that scoring finds each
+    record's request (its whole history)."""
+    from pipeline.metrics.turns import RATIO_KEY, last_turn_over_first, turn_table
+    from pipeline.serving.engine_metrics import EngineSampler
+    from pipeline.workload.conversations import load_conversations
+
+    w = spec.workload
+    gen = dict(max_new_tokens=w.max_new_tokens, fixed_length=w.fixed_length)
+    convs = load_conversations(spec, backend.tokenizer)  # as prepared: same seed and files
+    with timer.phase("warmup"):
+        for _ in range(w.warmup):
+            backend.serve(requests[:1], spec.decoding, send_at=[0.0], concurrency=1,
+                          timeout_s=w.request_timeout_s, **gen)
+    sent: list = []
+    cuda_reset_peaks()
+    with PeakRSSSampler(spec.measure.rss_sample_interval_s,
+                        extra_pids=backend.child_pids) as mem, \
+            EnergyMeter(job_device(spec)) as energy, \
+            EngineSampler(backend.metrics_url()) as engine, timer.phase("generate"):
+        t0 = clock(backend.sync)
+        records = backend.serve_conversations(spec, convs, backend.tokenizer, sent)
+        wall = clock(backend.sync) - t0
+    requests[:] = sent
+    engine_metrics = engine.metrics()
+    engine_metrics.pop("engine_metrics_samples", None)  # the sampler's bookkeeping
+    metrics = {**performance.latency_metrics(records),
+               **performance.throughput_metrics(records, wall), **engine_metrics,
+               "peak_concurrency": float(performance.peak_concurrency(records)),
+               "conversations": float(len(convs)),
+               "conversation_turns_completed": float(sum(r.ok for r in records)),
+               "measured_wall_s": wall, "peak_rss_bytes": float(mem.peak_bytes),
+               "peak_rss_sampled": float(mem.method == "sampled")}
+    slo = {k: v for k, v in (("ttft_ms", w.slo_ttft_ms), ("tpot_ms", w.slo_tpot_ms),
+                             ("e2el_ms", w.slo_e2el_ms)) if v is not None}
+    metrics.update(performance.goodput(records, wall, slo))
+    ratio = last_turn_over_first(turn_table(records))
+    if ratio is not None:  # what the grown history costs the first token
+        metrics[RATIO_KEY] = ratio
+    metrics.update({k: float(v) for k, v in cuda_peaks().items()})
+    metrics.update(energy.metrics(_output_tokens(records)))
+    metrics.update(job_cost(spec, metrics))
+    return records, metrics
 
 
 def _output_tokens(records: list[RequestRecord]) -> int:

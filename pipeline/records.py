@@ -24,7 +24,9 @@ class Request:
     answer read from the dataset, ``request_id`` how errors and records name it (``line 3``,
     a dataset id), ``prefix_group``/``group_position`` its shared-prefix group and its
     place in it, ``truncated_from`` its rendered length before
-    ``workload.on_too_long=truncate`` cut it.
+    ``workload.on_too_long=truncate`` cut it, ``messages`` the chat messages it renders
+    (a conversation's turn: system, earlier turns with their answers, this user turn, as
+    ``{"role", "content"}`` dicts), which the chat API sends instead of one user message.
     """
 
     index: int
@@ -36,9 +38,7 @@ class Request:
     prefix_group: int | None = None
     group_position: int | None = None
     truncated_from: int | None = None
-    #: this request's own output length, where the workload draws one per request and
-    #: the backend honours it (``Backend.per_request_output_lengths``); None -> the batch's
-    max_new_tokens: int | None = None
+    messages: tuple[dict[str, str], ...] | None = None
 
 
 @dataclass

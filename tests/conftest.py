@@ -236,3 +236,44 @@ def server(no_orphans: list[int], model_dir: str, tmp_path_factory: pytest.TempP
     yield b
     b.close()
     VLLMServerBackend.shutdown_cached()
+
+
+# ---------------------------------------------------------------- trace replay checks
+
+def trace_prompts_by_line(rows: list[dict[str, Any]], prompts: list[list[int]]) -> list[list[int]]:
+    """``prompts`` (in any order) put in the order of ``rows``: a prompt's length names its
+    line (the lengths of ``rows`` all differ)."""
+    lengths = [r["input_length"] for r in rows]
+    assert len(set(lengths)) == len(lengths)
+    assert sorted(map(len, prompts)) == sorted(lengths)  # every length exact, none twice
+    by_len = {len(p): p for p in prompts}
+    return [by_len[n] for n in lengths]
+
+
+def assert_blocks_follow_hash_ids(rows: list[dict[str, Any]], prompts: list[list[int]]
+                                   ) -> tuple[int, int]:
+    """Lines that share hash id h at block j have the same ids in [512j, 512(j+1)), cut to
+    each line's length; blocks of different ids (or of a line without hash_ids) differ.
+    Returns (blocks found equal to an earlier line's, pairs of ids found different)."""
+    occurrences: dict[Any, list[list[int]]] = {}
+    for line, (row, ids) in enumerate(zip(rows, prompts, strict=True), start=1):
+        assert all(isinstance(t, int) for t in ids)
+        keys = row.get("hash_ids") or [f"line {line} block {j}"
+                                       for j in range(-(-row["input_length"] // 512))]
+        for j, h in enumerate(keys):
+            occurrences.setdefault(h, []).append(ids[512 * j:512 * (j + 1)])
+    shared = 0
+    for blocks in occurrences.values():
+        longest = max(blocks, key=len)
+        for b in blocks:
+            assert b == longest[:len(b)]  # the same tokens, cut where the line ends
+        shared += len(blocks) - 1
+    longest = {h: max(bs, key=len) for h, bs in occurrences.items()}
+    compared = 0
+    for h, a in longest.items():
+        for g, b in longest.items():
+            n = min(len(a), len(b))
+            if str(h) < str(g) and n >= 8:  # a 1-token cut proves nothing either way
+                assert a[:n] != b[:n], (h, g)
+                compared += 1
+    return shared, compared

@@ -10,6 +10,14 @@ Little's law gives n = λ T s and s = a + b n, so
 
     TPOT(λ) = s = a / (1 - λ T b),   capacity λ_max = 1 / (T b),
     a mean-TPOT SLO L holds up to λ* = (1 - a / L) / (T b).
+
+Every request gets exactly ``max_tokens`` tokens (the stub has no end-of-sequence: what
+``ignore_eos`` with ``min_tokens`` make a real engine do), and its ``usage`` counts a
+token-id prompt (a list) as its length (a text prompt as 3 tokens). What each request
+carried (``prompt``, ``max_tokens``, ``min_tokens``, ``ignore_eos``) and when it arrived
+(``time.perf_counter()``: CLOCK_MONOTONIC, the clock of every process of the machine, so
+comparable with the client's ``t_scheduled``) is kept, in arrival order, for
+:func:`received`.
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ import contextlib
 import json
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,6 +60,16 @@ def stub_server(a_s: float, b_s: float) -> Iterator[str]:
         proc.wait(10)
 
 
+def received(base_url: str) -> list[dict[str, Any]]:
+    """What the stub at ``base_url`` (its ``/v1`` URL) received so far, in arrival order:
+    ``prompt``, ``max_tokens``, ``min_tokens``, ``ignore_eos`` and ``arrival`` (seconds on
+    ``time.perf_counter()``) of each completion request."""
+    # no proxy from the environment: the stub is on loopback
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"{base_url.removesuffix('/v1')}/received", timeout=10) as resp:
+        return json.loads(resp.read())
+
+
 def serve(a: float, b: float) -> None:
     """Run the stub engine (see the module docstring) until killed; prints its port."""
     import logging
@@ -60,6 +80,7 @@ def serve(a: float, b: float) -> None:
 
     active: list[list[Any]] = []  # [queue, tokens left]
     pending: list[list[Any]] = []
+    seen: list[dict[str, Any]] = []  # every completion request, in arrival order
     wake = asyncio.Event()
 
     async def engine() -> None:
@@ -87,8 +108,13 @@ def serve(a: float, b: float) -> None:
                     active.remove(item)
 
     async def completions(request: web.Request) -> web.StreamResponse:
+        arrival = time.perf_counter()  # the headers are in; the body is read next
         body = await request.json()
         n = int(body.get("max_tokens", 8))
+        prompt = body.get("prompt")
+        seen.append({"prompt": prompt, "max_tokens": body.get("max_tokens"),
+                     "min_tokens": body.get("min_tokens"),
+                     "ignore_eos": body.get("ignore_eos"), "arrival": arrival})
         q: asyncio.Queue = asyncio.Queue()
         item = [q, n]
         pending.append(item)
@@ -107,13 +133,17 @@ def serve(a: float, b: float) -> None:
                 if item in lst:
                     lst.remove(item)
             raise
-        usage = {"prompt_tokens": 3, "completion_tokens": n}
+        usage = {"prompt_tokens": len(prompt) if isinstance(prompt, list) else 3,
+                 "completion_tokens": n}
         await resp.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode())
         await resp.write(b"data: [DONE]\n\n")
         return resp
 
     async def models(request: web.Request) -> web.Response:
         return web.json_response({"data": [{"id": "stub"}]})
+
+    async def received_(request: web.Request) -> web.Response:
+        return web.json_response(seen)
 
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(text=(f"vllm:num_requests_running {len(active)}\n"
@@ -125,6 +155,7 @@ def serve(a: float, b: float) -> None:
         app.router.add_post("/v1/completions", completions)
         app.router.add_get("/v1/models", models)
         app.router.add_get("/metrics", metrics)
+        app.router.add_get("/received", received_)
         runner = web.AppRunner(app)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)

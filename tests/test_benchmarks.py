@@ -106,3 +106,22 @@ def test_roofline_table_runs_the_pipeline_sweep() -> None:
     # the rates the shares divide by, and whether they were read on a busy machine
     assert "machine rates: read " in p.stdout
     assert ("measured idle (cached)" in p.stdout) or ("measured on a busy machine" in p.stdout)
+
+
+def test_client_lateness_runs_both_clients_on_one_schedule(tmp_path: Path) -> None:
+    # tiny sizes: the structure of the table, never its timings
+    out = tmp_path / "lateness.json"
+    p = subprocess.run([sys.executable, "benchmarks/client_lateness.py", "--rates", "200,inf",
+                        "--requests", "24", "--rounds", "2", "--warmup-requests", "8",
+                        "--concurrency", "0", "--json", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["rate"], r["client"]) for r in rows] == [
+        (200.0, "ours"), (200.0, "vllm"), (float("inf"), "ours"), (float("inf"), "vllm")]
+    for r in rows:
+        assert len(r["runs"]) == 2, r
+        for run in r["runs"]:  # every scheduled request reached the stub, no earlier than due
+            assert run["missing"] == 0 and run["late_p50_ms"] >= 0, run
+            assert run["cpu_ms_per_request"] > 0, run
+    assert "CPU ms/req" in p.stdout

@@ -28,7 +28,7 @@ def test_every_workload_preset_validates(name: str, tmp_path: Path) -> None:
     f = tmp_path / "p.txt"
     f.write_text("hello there\n")
     extra = [f"workload.prompts_file={f}"] if name == "file" else []
-    if name == "trace":  # a trace is a serving workload: offline backends are refused
+    if name in ("trace", "conversation"):  # serving workloads: offline backends are refused
         extra = ["backend=vllm_server"]
     spec = validate(compose_config(f"workload={name}", *extra))
     assert spec.workload.name == name

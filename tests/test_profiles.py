@@ -11,6 +11,7 @@ a bounded number of requests, and ends itself.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,12 @@ from pipeline.errors import ConfigError
 from pipeline.metrics import performance
 from pipeline.records import RequestRecord
 from pipeline.workload.profiles import SaturationRule, SloSearch, sweep_rates
+from tests.conftest import (
+    CACHE_DIR,
+    assert_blocks_follow_hash_ids,
+    compose_config,
+    trace_prompts_by_line,
+)
 from tests.stub_engine import capacity, stub_server
 
 A_S, B_S, T_TOKENS = 0.020, 0.010, 8
@@ -325,3 +332,66 @@ def test_sweep_on_a_real_vllm_server(server: Any) -> None:
     passed = rate["slo_met"] and not rate["saturated"] and rate["valid"]
     assert m["max_rate_under_slo"] == (rate["achieved_rate"] if passed else 0.0)
 
+
+#: a trace for a 512-token context: one block a line (hash id 10 opens lines 1, 2 and 4 cut
+#: at three lengths, 11 lines 3 and 5), line 6 without hash_ids; lines 1-2 at one time
+SIX = [
+    {"timestamp": 0, "input_length": 300, "output_length": 4, "hash_ids": [10]},
+    {"timestamp": 0, "input_length": 120, "output_length": 3, "hash_ids": [10]},
+    {"timestamp": 150, "input_length": 480, "output_length": 2, "hash_ids": [11]},
+    {"timestamp": 300, "input_length": 200, "output_length": 5, "hash_ids": [10]},
+    {"timestamp": 450, "input_length": 64, "output_length": 3, "hash_ids": [11]},
+    {"timestamp": 600, "input_length": 90, "output_length": 2},
+]
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_replay_on_a_real_vllm_server(tmp_path: Path, server: Any,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job's own path (check_inputs, prepare_requests, measure) replays a trace on the
+    module's real vLLM server, the one the sweep above runs on (512-token context, prefix
+    caching off): times exact, every length exact by vLLM's own usage, and the prompt token
+    ids vLLM echoes (``return_token_ids``) share exactly the trace's blocks."""
+    from pipeline.job_checks import check_inputs
+    from pipeline.job_measure import measure
+    from pipeline.measure.timing import PhaseTimer
+    from pipeline.serving import stream
+    from pipeline.workload.prepare import prepare_requests
+
+    f = tmp_path / "t.jsonl"
+    f.write_text("".join(json.dumps(row) + "\n" for row in SIX))
+    spec, prompts = check_inputs(compose_config(
+        "backend=vllm_server", "backend.max_model_len=512", "workload=trace",
+        f"workload.trace_file={f}", "workload.trace_speedup=2", "scoring.perplexity=false",
+        f"paths.cache_dir={CACHE_DIR}"))
+    requests = prepare_requests(spec, prompts).requests
+    # the server's view: vLLM sends the prompt's token ids in a request's first chunk
+    echoed: list[list[int]] = []
+    on_event = stream.on_event
+
+    def spy(ev: dict[str, Any], *args: Any) -> None:
+        for ch in ev.get("choices") or []:
+            if ch.get("prompt_token_ids") is not None:
+                echoed.append(list(ch["prompt_token_ids"]))
+        on_event(ev, *args)
+
+    monkeypatch.setattr(stream, "on_event", spy)
+    points: list[dict[str, Any]] = []
+    recs, metrics = measure(server, spec, requests, PhaseTimer(), points)
+    recs.sort(key=lambda r: r.index)
+    assert [r.error for r in recs] == [None] * len(SIX)
+    assert [q["kind"] for q in points] == ["trace"] and metrics["num_requests"] == len(SIX)
+    # times: t0 + the trace's offsets, bit for bit (see the stub test)
+    t0 = recs[0].extra["t_scheduled"]
+    assert [r.extra["t_scheduled"] for r in recs] == [
+        t0 + (row["timestamp"] - SIX[0]["timestamp"]) / 1000 / 2.0 for row in SIX]
+    # lengths, counted by vLLM (usage) and by the output ids it returned
+    assert [r.prompt_tokens for r in recs] == [row["input_length"] for row in SIX]
+    assert [r.output_tokens for r in recs] == [row["output_length"] for row in SIX]
+    assert [len(r.output_token_ids) for r in recs] == [row["output_length"] for row in SIX]
+    assert [r.extra["shared_blocks"] for r in recs] == [0, 1, 0, 1, 1, 0]
+    # what vLLM tokens it received: the requests' ids exactly, blocks as the hash ids say
+    seen = trace_prompts_by_line(SIX, echoed)
+    assert seen == [list(q.prompt_token_ids) for q in requests]
+    assert assert_blocks_follow_hash_ids(SIX, seen) == (3, 3)

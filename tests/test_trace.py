@@ -2,20 +2,23 @@
 
 Parsing, the window/speedup/num_prompts selection and send times are hand-worked on a 5-line
 trace; the token blocks are built in the packaged model's real tokenizer; every refusal is
-checked before anything loads (one run through run.py for exit code 2); one real replay on
-llama.cpp's server (the fastest real server to start) checks the scheduled send times,
-exact lengths and shared blocks in the records; the shipped preset composes and validates
-(its dry run as a sweep is tests/test_robustness.py's, which covers every preset).
+checked before anything loads (one run through run.py for exit code 2); the shipped preset
+composes and validates (its dry run as a sweep is tests/test_robustness.py's, which covers
+every preset). Two replays end to end: through run.py against a loopback stub that records
+what it received (send times exact, dispatch lag, the token ids and lengths it was sent),
+and through the job's own path on a real vLLM server (send times, lengths by vLLM's usage,
+the prompt ids vLLM echoes: in tests/test_profiles.py, beside the other test on that
+module's server, so that no second server starts for it).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from pipeline.config import WorkloadConfig
@@ -29,7 +32,15 @@ from pipeline.workload.trace import (
     send_offsets,
     trace_requests,
 )
-from tests.conftest import ROOT, assert_refused_early, compose_config, run_cli
+from tests.conftest import (
+    CACHE_DIR,
+    ROOT,
+    assert_blocks_follow_hash_ids,
+    assert_refused_early,
+    compose_config,
+    run_cli,
+    trace_prompts_by_line,
+)
 
 SHIPPED = ROOT / "pipeline/workload/traces/mooncake_sample.jsonl"
 
@@ -217,35 +228,94 @@ def test_preset_composes_validates_and_replays_the_sample_head() -> None:
     assert sum(e["shared_blocks"] > 0 for e in plan.extra) == 10
 
 
+def test_every_online_backend_takes_a_trace() -> None:
+    # what the replays below do not run: llama.cpp (its token-id prompts and per-request
+    # lengths are tests/test_llamacpp.py's; the send schedule is the shared client's)
+    from pipeline.job_checks import check_inputs
+
+    for backend in (["backend=llamacpp"], ["backend=vllm_server"],
+                    ["backend=openai", "backend.vllm_extensions=true"]):
+        spec, prompts = check_inputs(compose_config(*backend, "workload=trace"))
+        assert spec.workload.source == "trace" and len(prompts) == 40
+
+
+# ----------------------------------------------------------------------- replays, end to end
+
+#: ten lines from 1000 ms, two at the same time, one at a fraction of a millisecond; each
+#: hash id at one block position only (Mooncake's ids hash the whole prefix), shared by
+#: lines cut at different lengths (line 7 ends one token into block 8); line 8 has no
+#: hash_ids (blocks of its own). Every input length differs, so a prompt the server saw
+#: names its line.
+TEN = [
+    {"timestamp": 1000, "input_length": 1300, "output_length": 4, "hash_ids": [1, 2, 3]},
+    {"timestamp": 1000, "input_length": 700, "output_length": 3, "hash_ids": [1, 2]},
+    {"timestamp": 1250, "input_length": 1536, "output_length": 5, "hash_ids": [1, 2, 4]},
+    {"timestamp": 1337.5, "input_length": 300, "output_length": 2, "hash_ids": [5]},
+    {"timestamp": 1800, "input_length": 1000, "output_length": 6, "hash_ids": [5, 6]},
+    {"timestamp": 2200, "input_length": 512, "output_length": 1, "hash_ids": [1]},
+    {"timestamp": 2600, "input_length": 1025, "output_length": 3, "hash_ids": [7, 2, 8]},
+    {"timestamp": 3000, "input_length": 90, "output_length": 4},
+    {"timestamp": 3500, "input_length": 1100, "output_length": 2, "hash_ids": [5, 6, 3]},
+    {"timestamp": 4000, "input_length": 40, "output_length": 7, "hash_ids": [9]},
+]
+
+
 @pytest.mark.slow
-def test_replay_on_a_real_server_follows_the_trace(tmp_path: Path) -> None:
-    pytest.importorskip("xllamacpp")
-    # one block shared by lines 1-3 (cut at different lengths), line 4 its own
-    # (short prompts, one thread: llama.cpp's prompt pass is what a busy 2-core box slows)
-    rows = [{"timestamp": 0, "input_length": 48, "output_length": 3, "hash_ids": [7]},
-            {"timestamp": 0, "input_length": 80, "output_length": 4, "hash_ids": [7]},
-            {"timestamp": 400, "input_length": 40, "output_length": 5, "hash_ids": [7]},
-            {"timestamp": 1000, "input_length": 60, "output_length": 2, "hash_ids": [8]}]
-    f = _write(tmp_path / "t.jsonl", rows)
-    p = run_cli("backend=llamacpp", "backend.n_parallel=4", "backend.n_threads=1",
-                "workload=trace",
-                f"workload.trace_file={f}", "workload.trace_speedup=4",
-                "scoring.perplexity=false", "tracking.enabled=false",
-                f"paths.output_dir={tmp_path / 'out'}", timeout=300)
+def test_replay_on_a_stub_keeps_times_lengths_and_shared_blocks(tmp_path: Path) -> None:
+    """The trace replayed through run.py (backend=openai, token-id prompts, exact lengths)
+    against a loopback stub (tests/stub_engine.py, its own process) that records what it
+    received. A stub, not a real engine, because only a server that does no work of its
+    own (no prefill, no model on the same cores) shows the client's dispatch lag free of
+    the server's load: on a real engine the lag would measure the engine as much as the
+    client. The real engine's replay is the vLLM test below."""
+    from tests.stub_engine import received, stub_server
+
+    speedup = 2.0
+    f = _write(tmp_path / "t.jsonl", TEN)
+    with stub_server(0.002, 0.0005) as url:
+        p = run_cli("backend=openai", f"backend.base_url={url}", "backend.vllm_extensions=true",
+                    "backend.prompt_format=token_ids", "workload=trace",
+                    f"workload.trace_file={f}", f"workload.trace_speedup={speedup}",
+                    "scoring.perplexity=false", "tracking.enabled=false",
+                    f"paths.output_dir={tmp_path / 'out'}", f"paths.cache_dir={CACHE_DIR}",
+                    timeout=300)
+        got = received(url)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     res = json.loads(next((tmp_path / "out").glob("runs/*/results.json")).read_text())
-    assert res["status"] == "FINISHED" and len(res["load_points"]) == 1
-    assert res["load_points"][0]["kind"] == "trace"
+    assert res["status"] == "FINISHED" and [q["kind"] for q in res["load_points"]] == ["trace"]
     recs = sorted(res["requests"], key=lambda r: r["index"])
-    assert [r["error"] for r in recs] == [None] * 4
-    # scheduled sends: the trace's times / 4, from the first one
+    assert [r["error"] for r in recs] == [None] * len(TEN)
+    assert [r["extra"]["trace_line"] for r in recs] == list(range(1, len(TEN) + 1))
+    # (a) scheduled sends: the client stores t0 + offset as a float, and the first offset
+    # is 0, so the first t_scheduled is t0 itself and t0 + offset must come out bit for bit
+    # (a difference t_scheduled - t0 would carry t0's rounding, ~1e-10 s)
+    ts0 = TEN[0]["timestamp"]
+    offsets = [(r["timestamp"] - ts0) / 1000 / speedup for r in TEN]
+    assert offsets[1] == 0.0 and offsets[3] == 0.16875 and offsets[-1] == 1.5
     t0 = recs[0]["extra"]["t_scheduled"]
-    assert [round(r["extra"]["t_scheduled"] - t0, 6) for r in recs] == [0.0, 0.0, 0.1, 0.25]
-    assert [r["prompt_tokens"] for r in recs] == [48, 80, 40, 60]
-    assert [r["output_tokens"] for r in recs] == [3, 4, 5, 2]
-    assert [r["extra"]["trace_line"] for r in recs] == [1, 2, 3, 4]
-    assert [r["extra"]["shared_blocks"] for r in recs] == [0, 1, 1, 0]
-    # the shared block is one text: line 3 (40 tokens) opens line 2 (80 tokens)
-    assert len(os.path.commonprefix([recs[1]["prompt"], recs[2]["prompt"]])) > 100
-    assert len(os.path.commonprefix([recs[1]["prompt"], recs[3]["prompt"]])) < 20
-    assert res["metrics"]["num_requests"] == 4 and "dispatch_lag_ms_p99" in res["metrics"]
+    assert [r["extra"]["t_scheduled"] for r in recs] == [t0 + o for o in offsets]
+    assert [r["extra"]["t_scheduled"] - t0 for r in recs] == pytest.approx(offsets, abs=1e-9)
+    # (b) the client woke up on time: p99 dispatch lag within 20 ms, as the job logged it
+    lags_ms = [r["extra"]["dispatch_lag_s"] * 1000 for r in recs]
+    p99 = float(np.percentile(lags_ms, 99))
+    print(f"dispatch lag ms: p99 {p99:.3f}, max {max(lags_ms):.3f}")
+    assert p99 <= 20.0, lags_ms
+    assert res["metrics"]["dispatch_lag_ms_p99"] == pytest.approx(p99)
+    # (c) what the stub received: every prompt as token ids at its exact length, the
+    # trace's blocks where its hash ids say, and never before its scheduled time (one
+    # clock: CLOCK_MONOTONIC for both processes)
+    assert len(got) == len(TEN) and all(isinstance(g["prompt"], list) for g in got)
+    seen = trace_prompts_by_line(TEN, [g["prompt"] for g in got])
+    # ids 1, 2 three repeats each, 5 two, 3 and 6 one; 36 pairs of the 10 blocks of 8+ tokens
+    assert assert_blocks_follow_hash_ids(TEN, seen) == (10, 36)
+    at = {len(g["prompt"]): g for g in got}
+    for row, rec in zip(TEN, recs, strict=True):
+        g = at[row["input_length"]]
+        # (d) lengths: the stub was asked for exactly output_length (min_tokens too) ...
+        assert (g["max_tokens"], g["min_tokens"], g["ignore_eos"]) == (
+            row["output_length"], row["output_length"], True)
+        assert g["arrival"] >= rec["extra"]["t_scheduled"]
+    # ... and the records count exactly the trace's lengths (from the stub's usage)
+    assert [r["prompt_tokens"] for r in recs] == [r["input_length"] for r in TEN]
+    assert [r["output_tokens"] for r in recs] == [r["output_length"] for r in TEN]
+    assert res["metrics"]["num_requests"] == len(TEN)

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pipeline.backends.base import BOOKKEEPING, Backend, BackendConfig, Setting, task
+from pipeline.backends.openai_body import OPENAI_APIS, openai_body
 from pipeline.config import DecodingConfig, ModelConfig, check_choice, check_range, fail
-from pipeline.errors import ConfigError, UnsupportedDecoding
+from pipeline.errors import ConfigError
 from pipeline.records import Request, RequestRecord
 from pipeline.serving.client import StreamRequest, run_requests
 from pipeline.serving.http_json import http_get_json
@@ -31,7 +32,6 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 600.0
 
 
-OPENAI_APIS = ("completions", "chat")
 PROMPT_FORMATS = ("auto", "token_ids", "text")
 
 
@@ -53,8 +53,9 @@ class OpenAIBackendConfig(BackendConfig):
     lists at ``GET {base_url}/models``. A name the server does not list is refused at
     load."""
     api: str = "completions"
-    """completions | chat. chat sends the prompt as one user message and the server renders
-    its chat template (TGI's Messages API needs chat)."""
+    """completions | chat. chat sends the prompt as one user message (a conversation's turn:
+    its messages) and the server renders its chat template (TGI's Messages API needs
+    chat)."""
     api_key_env: str | None = None
     """The NAME of an environment variable holding the API key (never the key itself); it
     is read at request time and sent only in the ``Authorization`` header. null: no key."""
@@ -88,70 +89,6 @@ OPENAI_SETTINGS: dict[str, Setting] = {
     "prompt_format": task(),
     "connect_timeout_s": BOOKKEEPING,
 }
-
-
-def openai_body(
-    d: DecodingConfig, max_new_tokens: int, fixed_length: bool, seed: int, api: str,
-    extensions: bool = False, backend: str = "openai",
-) -> dict[str, Any]:
-    """Sampling fields of an OpenAI-compatible request body (``/v1/completions`` or
-    ``/v1/chat/completions``); the caller adds model, prompt and streaming fields.
-
-    ``extensions`` says the server accepts vLLM's extra fields (``top_k``,
-    ``repetition_penalty``, ``min_tokens``, ``ignore_eos``): vLLM and SGLang do, the
-    OpenAI API and TGI do not. Without them those knobs are refused rather than dropped.
-    Every field is always sent, so a server's defaults (e.g. taken from the model's
-    ``generation_config``) never leak in.
-    """
-    if api not in OPENAI_APIS:
-        raise ValueError(f"api must be one of {OPENAI_APIS}, got {api!r}")
-    if d.num_beams > 1:
-        _refuse(backend, "num_beams", d.num_beams,
-                "OpenAI-compatible servers do not stream beam search; use backend=vllm or "
-                "backend=hf for beam search")
-    if d.no_repeat_ngram_size:
-        _refuse(backend, "no_repeat_ngram_size", d.no_repeat_ngram_size,
-                "the OpenAI API has no n-gram blocking; use repetition_penalty (vLLM servers) "
-                "or backend=hf")
-    if d.length_penalty != 1.0:
-        _refuse(backend, "length_penalty", d.length_penalty, "it only applies to beam search")
-    no_ext = ("the OpenAI API has no such field; set backend.vllm_extensions=true if the "
-              "server accepts vLLM's extra sampling fields (vLLM, SGLang)")
-    sample = d.do_sample and d.temperature > 0
-    if not extensions:
-        if sample and d.top_k:
-            _refuse(backend, "top_k", d.top_k, f"{no_ext}, or use top_k=0")
-        if d.repetition_penalty != 1.0:
-            # frequency_penalty is additive on counts, a different penalty: not a mapping.
-            _refuse(backend, "repetition_penalty", d.repetition_penalty,
-                    f"{no_ext}, or use repetition_penalty=1.0")
-        if fixed_length:
-            raise UnsupportedDecoding(
-                f"backend {backend}: workload.fixed_length=true needs ignore_eos/min_tokens, "
-                f"which the OpenAI API lacks; set backend.vllm_extensions=true if the server "
-                f"accepts them, or workload.fixed_length=false"
-            )
-    body: dict[str, Any] = {
-        "n": 1,
-        # max_tokens rather than chat's newer max_completion_tokens: every OpenAI-compatible
-        # server (vLLM, TGI, SGLang, llama.cpp) accepts it for both endpoints.
-        "max_tokens": max_new_tokens,
-        "temperature": d.temperature if sample else 0.0,
-        "top_p": d.top_p if sample else 1.0,
-        "seed": seed,
-    }
-    if extensions:
-        body.update(
-            top_k=d.top_k if sample and d.top_k else 0,
-            repetition_penalty=d.repetition_penalty,
-            min_tokens=max_new_tokens if fixed_length else 0,
-            ignore_eos=fixed_length,
-        )
-    return body
-
-
-def _refuse(backend: str, key: str, value: Any, instead: str) -> None:
-    raise UnsupportedDecoding.option(backend, key, value, instead)
 
 
 class ServingFailed(RuntimeError):
@@ -296,8 +233,9 @@ class OpenAIBackend(Backend):
         body = {"model": self.served_model, **base, "stream": True,
                 "stream_options": {"include_usage": True}}
         fmt = self.prompt_format()
-        if fmt == "messages":
-            body["messages"] = [{"role": "user", "content": r.prompt}]
+        if fmt == "messages":  # a conversation's turn: its whole history
+            body["messages"] = ([dict(m) for m in r.messages] if r.messages
+                                else [{"role": "user", "content": r.prompt}])
         elif fmt == "token_ids":
             body["prompt"] = list(r.prompt_token_ids)
         else:
@@ -337,16 +275,33 @@ class OpenAIBackend(Backend):
         Raises :class:`ServingFailed` when every request failed: such a phase measured
         nothing, and the job must end FAILED with the reason.
         """
-        base = openai_body(decoding, max_new_tokens, fixed_length, self.seed, self.api,
-                           extensions=self.extensions, backend=self.name)
+        base = self.request_base(decoding, max_new_tokens, fixed_length)
         self._check_length(requests, max_new_tokens)
-        url = self.endpoint()
-        stream_reqs = [
-            StreamRequest(index=r.index, prompt=r.prompt, url=url, body=self._payload(r, base),
-                          prompt_tokens=len(r.prompt_token_ids), api=self.api)
-            for r in requests
-        ]
+        stream_reqs = [self.stream_request(r, base) for r in requests]
         records = run_requests(stream_reqs, send_at, concurrency, timeout_s, self._headers())
+        self._after_serve(records)
+        return records
+
+    def request_base(self, decoding: DecodingConfig, max_new_tokens: int,
+                     fixed_length: bool) -> dict[str, Any]:
+        """The sampling fields every request of a phase shares (:func:`openai_body`)."""
+        return openai_body(decoding, max_new_tokens, fixed_length, self.seed, self.api,
+                           extensions=self.extensions, backend=self.name)
+
+    def stream_request(self, r: Request, base: dict[str, Any]) -> StreamRequest:
+        """What is posted for ``r``: its prompt (or messages) on top of ``base``."""
+        return StreamRequest(index=r.index, prompt=r.prompt, url=self.endpoint(),
+                             body=self._payload(r, base),
+                             prompt_tokens=len(r.prompt_token_ids), api=self.api)
+
+    def serve_conversations(self, spec: Config, conversations: list, tokenizer: Any,
+                            sent: list[Request] | None = None) -> list[RequestRecord]:
+        """Run multi-turn conversations (:func:`pipeline.serving.conversations.
+        run_conversations`); :class:`ServingFailed` when every turn failed."""
+        from pipeline.serving.conversations import run_conversations
+
+        records = run_conversations(self, spec, conversations, tokenizer, self._headers(),
+                                    sent)
         self._after_serve(records)
         return records
 

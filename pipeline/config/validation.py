@@ -150,7 +150,8 @@ def validate_workload(w: WorkloadConfig) -> None:
     from pipeline.workload.files import path_problem
     from pipeline.workload.lengths import LENGTH_DISTS, length_bounds
 
-    check_choice("workload.source", w.source, ("prompts", "synthetic", "trace"))
+    check_choice("workload.source", w.source,
+                 ("prompts", "synthetic", "trace", "conversations"))
     check_choice("workload.on_too_long", w.on_too_long, ("truncate", "refuse"))
     check_range("workload.max_input_tokens", w.max_input_tokens, 1, optional=True)
     for side, mean_key in (("input", "input_tokens"), ("output", "max_new_tokens")):
@@ -183,6 +184,11 @@ def validate_workload(w: WorkloadConfig) -> None:
         if w.max_input_tokens is not None and longest > w.max_input_tokens:
             fail("workload.max_input_tokens", w.max_input_tokens,
                  f"is below the longest synthetic input ({longest} tokens)")
+        return
+    if w.source == "conversations":
+        from pipeline.workload.conversations import validate_conversations
+
+        validate_conversations(w)  # reads the file: refusals name the line and field
         return
     if p_tokens or w.prefix_groups > 1:
         key = "shared_prefix_tokens" if p_tokens else "prefix_groups"
@@ -352,6 +358,10 @@ def validate(cfg: DictConfig) -> Config:
         from pipeline.workload.trace import check_trace_job
 
         check_trace_job(typed, bool(cls.online))
+    if typed.workload.source == "conversations":
+        from pipeline.workload.conversations import check_conversation_job
+
+        check_conversation_job(typed, bool(cls.online))
     check_range("seed", typed.seed, 0)
     check_choice("scoring.scorer_dtype", typed.scoring.scorer_dtype, DTYPES)
     check_range("scoring.self_bleu_max_samples", typed.scoring.self_bleu_max_samples, 2,

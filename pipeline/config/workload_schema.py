@@ -23,8 +23,9 @@ class WorkloadConfig:
     source: str = "prompts"
     """Where prompts come from: ``prompts`` (inline ``prompts`` or ``prompts_file``),
     ``synthetic`` (built from the shipped English corpus at exact token lengths; needs
-    ``num_prompts``) or ``trace`` (a request trace replayed at its own times: ``trace_file``;
-    online backends, ``profile=trace``)."""
+    ``num_prompts``), ``trace`` (a request trace replayed at its own times: ``trace_file``;
+    online backends, ``profile=trace``) or ``conversations`` (multi-turn conversations,
+    each turn sent with its history once the previous answer is in; online backends)."""
     prompts: list[str] = field(default_factory=list)
     """Inline prompts (a list of strings), used when ``prompts_file`` is not set."""
     prompts_file: str | None = None
@@ -46,6 +47,25 @@ class WorkloadConfig:
     trace_window: list[float] | None = None
     """``source=trace``: ``[start_ms, end_ms]``: replay the requests whose timestamps fall in
     ``[start_ms, end_ms)``, the first one sent at once; null = the whole trace."""
+    conversations_file: str | None = None
+    """``source=conversations``: a ShareGPT-style ``.jsonl`` file, one conversation a line:
+    ``{"id": ..., "conversations": [{"from": "human", "value": "..."}, {"from": "gpt",
+    ...}]}`` (``human``/``user``, ``gpt``/``assistant``, one leading ``system`` turn
+    allowed; human and gpt alternate, starting with human); at most ``max_file_bytes``.
+    null = synthetic conversations."""
+    conversation_turns: int = 4
+    """``source=conversations``: user turns per synthetic conversation, or the most user
+    turns taken from each file conversation (its first N); 1 to 64."""
+    num_conversations: int | None = None
+    """``source=conversations``: the number of conversations (required for synthetic
+    ones); with a file its first N, null = all."""
+    think_time_s: float = 0.0
+    """``source=conversations``: seconds a conversation waits after an answer before
+    sending its next turn; >= 0."""
+    conversation_history: str = "generated"
+    """``source=conversations``: the answers in each turn's history: ``generated`` (the
+    model's own answers) or ``file`` (the file's gpt turns; needs
+    ``conversations_file``)."""
     batch_size: int = 4
     """Requests per ``generate`` call on in-process backends (hf, vllm); >= 1. Online
     backends use ``concurrency`` instead."""
@@ -115,7 +135,7 @@ class WorkloadConfig:
     ``shared_prefix_tokens`` tokens; at most ``num_prompts``."""
     concurrency: int | None = None
     """Online backends: most requests in flight at once (``profile=fixed`` only); null = no
-    cap."""
+    cap. With ``source=conversations``: the conversations live at once."""
     request_rate: float | None = None
     """Online backends: offered arrival rate in requests/s; null = every request sent at
     once."""

@@ -113,6 +113,22 @@ JOB_ENTRIES: tuple[Entry, ...] = (
     E("measured_wall_s", "s", "Wall time of the measured phase: every repeat's generation "
       "(with a load profile: all its points).", NEUTRAL, f"{JOB}; pipeline/serving/runner.py",
       THROUGHPUT),
+    E("conversations", "conversations", "`workload.source=conversations`: conversations "
+      "run.", NEUTRAL, f"{JOB}, measure_conversations", THROUGHPUT),
+    E("conversation_turns_completed", "turns", "`workload.source=conversations`: turns "
+      "answered without error, all conversations (a failed turn ends its conversation).",
+      HIGHER, f"{JOB}, measure_conversations", THROUGHPUT),
+    E("engine_kv_cache_usage_max", "0-1", "`workload.source=conversations`, vLLM: the "
+      "highest KV-cache usage seen on its /metrics during the conversations.", NEUTRAL,
+      ENGINE_SCRAPE, THROUGHPUT),
+    E("engine_requests_<waiting|running>_max", "requests", "`workload.source=conversations`, "
+      "vLLM: the most requests waiting / running in the engine during the conversations.",
+      NEUTRAL, ENGINE_SCRAPE, THROUGHPUT),
+    E("engine_preemptions", "preemptions", "`workload.source=conversations`, vLLM: requests "
+      "preempted during the conversations.", LOWER, ENGINE_SCRAPE, THROUGHPUT),
+    E("engine_prefix_cache_hit_rate", "0-1", "`workload.source=conversations`, vLLM: "
+      "prefix-cache hits / queries during the conversations (each turn's history is the "
+      "previous turn's prompt and answer).", HIGHER, ENGINE_SCRAPE, THROUGHPUT),
     # ------------------------------------------------------------------ memory
     E("peak_rss_bytes", "bytes", "Peak resident memory during the measured phase, this "
       "process and its children (vLLM's engine): the kernel's per-process high-water mark, "

@@ -1,7 +1,7 @@
-"""The metric catalog's rows of load profiles and serving points, the gate, the machine
-and its roofline, cost and energy, and a sweep's parent run (the rows of what one job
-measures on its own are in :mod:`pipeline.metrics.catalog_entries`, with the row type and
-its placeholders)."""
+"""The metric catalog's rows of load profiles and serving points, conversation turns, the
+gate, the machine and its roofline, cost and energy, and a sweep's parent run (the rows of
+what one job measures on its own are in :mod:`pipeline.metrics.catalog_entries`, with the
+row type and its placeholders)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ from pipeline.metrics.catalog_entries import (
     E,
     Entry,
 )
+
+TURNS = "pipeline/metrics/turns.py: turn_table, logged by pipeline/tracking/job_runs.py"
 
 RUN_ENTRIES: tuple[Entry, ...] = (
     # ------------------------------------------------------------------ serving points
@@ -108,6 +110,25 @@ RUN_ENTRIES: tuple[Entry, ...] = (
       "the point.", LOWER, ENGINE_SCRAPE, SERVING),
     E("load.engine_prefix_cache_hit_rate", "0-1", "Per point, vLLM: prefix-cache hits / "
       "queries during the point.", HIGHER, ENGINE_SCRAPE, SERVING),
+    # ------------------------------------------------------------------ conversation turns
+    E("turn.requests", "requests", "Per turn (step = turn number) of a multi-turn "
+      "conversation workload: the turn's successful requests.", NEUTRAL, TURNS, SERVING),
+    E("turn.errors", "requests", "Per turn (step = turn number): the turn's failed "
+      "requests.", LOWER, TURNS, SERVING),
+    E("turn.ttft_ms_<p50|p99|mean>", "ms", "Per turn (step = turn number): TTFT over the "
+      "turn's successful requests, whose prompt is the whole conversation so far.", LOWER,
+      TURNS, SERVING),
+    E("turn.e2el_ms_p50", "ms", "Per turn (step = turn number): median end-to-end latency "
+      "of the turn's successful requests.", LOWER, TURNS, SERVING),
+    E("turn.prompt_tokens_mean", "tokens", "Per turn (step = turn number): mean prompt "
+      "tokens, the prefill (the history grows with the turn).", NEUTRAL, TURNS, SERVING),
+    E("turn.<cached|uncached>_prompt_tokens_mean", "tokens", "Per turn (step = turn "
+      "number), when the server reported it for every successful request of the turn: mean "
+      "prompt tokens its prefix cache served, and the rest (prompt - cached: what was "
+      "prefilled).", NEUTRAL, TURNS, SERVING),
+    E("ttft_ms_last_turn_over_first", "x", "Multi-turn conversations: `turn.ttft_ms_p50` of "
+      "the last turn / that of turn 1, what the grown history costs the first token (above "
+      "1: slower).", LOWER, TURNS, SERVING),
     # ------------------------------------------------------------------ gate
     E("gate.exact_match_rate", "0-1", "On an optimized job: share of prompts whose greedy "
       "tokens are identical to its baseline job's.", HIGHER, GATE_SRC, GATE),

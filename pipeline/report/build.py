@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.report import conversation
 from pipeline.report.collect import ReportError, SweepData, collect_sweep
 from pipeline.report.decision import section as decision_section
 from pipeline.report.interactive import figures as interactive_figures
@@ -44,6 +45,10 @@ def write_report(data: SweepData, output_dir: Path, baseline: str | None = None,
     t = build_tables(data, baseline)
     sections = build_sections(data, t)
     images = plot_images(data, t)
+    conv = conversation.section(data)
+    if conv is not None:  # multi-turn workloads: beside the other latency sections
+        conversation.insert(sections, conv[0])
+        images.update(conv[1])
     decided = decision_section(data)
     if decided is not None:  # right after the Summary: what to pick, then the evidence
         sections.insert(1, decided[0])

@@ -19,14 +19,12 @@ measurement (no CI to judge by).
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from pipeline.analysis.gate_rules import NOT_TASK_METRICS
@@ -35,7 +33,7 @@ from pipeline.metrics.catalog import format_number
 from pipeline.metrics.cost import COST_AT_SLO_KEY, COST_KEY, PRICE_PARAM, SOURCE_PARAM
 from pipeline.report import noise
 from pipeline.report.collect import JobRun, SweepData
-from pipeline.report.plots import colour
+from pipeline.report.figures import colour, png
 from pipeline.report.render import Block, Section
 from pipeline.report.table_model import short_label, varying_overrides
 
@@ -245,10 +243,7 @@ def plot(points: Sequence[Mapping[str, Any]], xlabel: str, ylabel: str) -> bytes
     ax.set_title("Speed vs quality")
     ax.grid(alpha=0.3)
     ax.margins(0.2)
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
-    return buf.getvalue()
+    return png(fig)
 
 
 def _lines(jobs: Sequence[JobRun]) -> list[str]:

@@ -13,7 +13,8 @@ from typing import Any
 
 from pipeline.report import lengths
 from pipeline.report.collect import SweepData
-from pipeline.report.plots import colour, plot_inputs, scaling_series
+from pipeline.report.figures import colour
+from pipeline.report.plots import plot_inputs, scaling_series
 from pipeline.report.tables import Table
 
 HEIGHT = 480

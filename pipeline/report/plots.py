@@ -7,17 +7,16 @@ they are written or embedded.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogLocator, NullFormatter, NullLocator, ScalarFormatter
 
 from pipeline.metrics.catalog import missing
 from pipeline.report import lengths, serving
 from pipeline.report.collect import SweepData
+from pipeline.report.figures import colour, png
 from pipeline.report.tables import (
     LATENCY_AXES,
     Table,
@@ -38,22 +37,6 @@ CAPTIONS = {
 }
 LATENCY_LABELS = {"e2el_ms_mean": "mean E2EL (ms, lower is better)",
                   "ttft_ms_mean": "mean TTFT (ms, lower is better)"}
-# A fixed palette so a job keeps its colour across the three figures.
-PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
-           "#17becf", "#bcbd22", "#7f7f7f")
-
-
-def colour(i: int) -> str:
-    """The colour of the ``i``-th job (cycling)."""
-    return PALETTE[i % len(PALETTE)]
-
-
-def _png(fig: Figure) -> bytes:
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    # no Software/date metadata: the same data gives the same bytes
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
-    return buf.getvalue()
 
 
 def _empty(ax: Any, what: str) -> None:
@@ -82,7 +65,7 @@ def quality_vs_diversity(points: Sequence[Mapping[str, Any]]) -> bytes:
     ax.set_title("Quality vs diversity")
     ax.grid(alpha=0.3)
     ax.margins(0.2)
-    return _png(fig)
+    return png(fig)
 
 
 def throughput_vs_latency(points: Sequence[Mapping[str, Any]],
@@ -118,7 +101,7 @@ def throughput_vs_latency(points: Sequence[Mapping[str, Any]],
         ax.grid(alpha=0.3)
         ax.margins(0.2)
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def latency_distributions(series: Sequence[Mapping[str, Any]]) -> bytes:
@@ -163,7 +146,7 @@ def latency_distributions(series: Sequence[Mapping[str, Any]]) -> bytes:
         ax.set_title(title)
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def scaling(series: Sequence[Mapping[str, Any]], metric: lengths.ScalingMetric,
@@ -199,7 +182,7 @@ def scaling(series: Sequence[Mapping[str, Any]], metric: lengths.ScalingMetric,
     ax.set_ylabel(metric.ylabel)
     ax.set_title(f"{metric.title} against {xlabel}")
     ax.grid(alpha=0.3)
-    return _png(fig)
+    return png(fig)
 
 
 def scaling_series(frame: Any) -> list[tuple[lengths.ScalingMetric, list[dict[str, Any]], str]]:

@@ -14,23 +14,19 @@ load buys latency, not throughput.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from pipeline.report.collect import SweepData
+from pipeline.report.figures import colour, png
 
 IMAGE = "serving_curves"
 CAPTION = ("Latency against achieved request rate (p50 solid, p99 dashed) and goodput "
            "against offered rate, one colour per job; SLOs dotted, the knee ringed, "
            "saturated points ▲, invalid points ✕.")
-# the same fixed palette as pipeline/report/plots.py (not imported: plots imports this)
-PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
-           "#17becf", "#bcbd22", "#7f7f7f")
 #: panel -> (latency key stem, SLO key in the workload config shown on it)
 PANELS = (("TTFT", "ttft", "slo_ttft_ms"), ("ITL", "itl", "slo_tpot_ms"),
           ("E2EL", "e2el", "slo_e2el_ms"))
@@ -60,13 +56,6 @@ def knee(points: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     return max(kept, key=lambda p: p["achieved_rate"], default=None)
 
 
-def _png(fig: Figure) -> bytes:
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
-    return buf.getvalue()
-
-
 def _load_order(p: Mapping[str, Any]) -> tuple[int, float]:
     rank = {"sync": 0, "max": 2}.get(p.get("kind", ""), 1)
     return rank, float(p.get("offered_rate") or 0.0)
@@ -81,7 +70,7 @@ def figure(cs: Sequence[Mapping[str, Any]]) -> bytes:
     fig = Figure(figsize=(13, 9))
     axes = [fig.add_subplot(2, 2, n + 1) for n in range(4)]
     for c in cs:
-        col = PALETTE[c["index"] % len(PALETTE)]
+        col = colour(int(c["index"]))
         # in order of load: sync, the open-loop rates, the closed-loop max
         pts = sorted(c["points"], key=_load_order)
         k = knee(pts)
@@ -134,7 +123,7 @@ def figure(cs: Sequence[Mapping[str, Any]]) -> bytes:
         if a.get_legend_handles_labels()[0]:
             a.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def table(cs: Sequence[Mapping[str, Any]]) -> pd.DataFrame:

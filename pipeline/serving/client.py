@@ -31,7 +31,7 @@ import concurrent.futures
 import contextlib
 import contextvars
 import json
-from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -127,13 +127,8 @@ async def _run_all(
     requests: list[StreamRequest], send_at: list[float], concurrency: int | None,
     timeout_s: float, headers: dict[str, str], ctrl: PointControl | None = None,
 ) -> list[RequestRecord]:
-    import aiohttp
-
     sem = asyncio.Semaphore(concurrency) if concurrency else None
-    # trust_env=False: a proxy from the environment must never see loopback traffic.
-    # limit=0 lifts aiohttp's default cap of 100 connections; the semaphore is the cap.
-    connector = aiohttp.TCPConnector(limit=0, force_close=False, keepalive_timeout=60)
-    async with aiohttp.ClientSession(connector=connector, trust_env=False) as session:
+    async with client_session() as session:
         t0 = clock()
         streams = [StreamState(due=t0 + at) for at in send_at]
         tasks = [
@@ -158,6 +153,18 @@ async def _run_all(
             ctrl.not_sent = len(requests) - len(out)
             ctrl.aborted = sum(bool(r.extra.get("aborted")) for r in out)
         return out
+
+
+@contextlib.asynccontextmanager
+async def client_session() -> AsyncIterator[Any]:
+    """The HTTP session every request of a run is sent on (with :func:`send`)."""
+    import aiohttp
+
+    # trust_env=False: a proxy from the environment must never see loopback traffic.
+    # limit=0 lifts aiohttp's default cap of 100 connections; callers cap concurrency.
+    connector = aiohttp.TCPConnector(limit=0, force_close=False, keepalive_timeout=60)
+    async with aiohttp.ClientSession(connector=connector, trust_env=False) as session:
+        yield session
 
 
 def _live(streams: list[StreamState], t0: float) -> list[LiveRequest]:
@@ -206,10 +213,10 @@ async def _scheduled(
             await asyncio.sleep(delay)
         t_ready = clock()
         if sem is None:
-            rec = await _send(session, req, timeout_s, headers, st)
+            rec = await send(session, req, timeout_s, headers, st)
         else:
             async with sem:
-                rec = await _send(session, req, timeout_s, headers, st)
+                rec = await send(session, req, timeout_s, headers, st)
     except asyncio.CancelledError:
         if st.t_start is None:
             return None  # stopped before it was sent
@@ -227,10 +234,12 @@ async def _scheduled(
     return rec
 
 
-async def _send(
+async def send(
     session: Any, req: StreamRequest, timeout_s: float, headers: dict[str, str],
     st: StreamState | None = None,
 ) -> RequestRecord:
+    """Send ``req`` now on ``session`` and read its stream into a record; every failure
+    is a record with ``error`` set (this never raises for the request)."""
     import aiohttp
 
     st = st if st is not None else StreamState()

@@ -10,8 +10,10 @@ choices (not the trailing usage chunk).
 Output and prompt token counts come from the server's ``usage`` (``stream_options:
 {"include_usage": true}``), never from re-tokenising text. Output token ids are kept only
 when the server sends them (vLLM's ``return_token_ids``, llama.cpp's ``return_tokens``) and
-they add up to the usage count. llama.cpp's own ``/completion`` stream (``content``,
-``tokens``, ``stop``, counts in its last event) is read into the same state.
+they add up to the usage count. Prompt tokens the server's prefix cache held are kept as
+``extra["cached_prompt_tokens"]`` where the usage says (``prompt_tokens_details``).
+llama.cpp's own ``/completion`` stream (``content``, ``tokens``, ``stop``, counts in its last
+event, ``tokens_cached``) is read into the same state.
 """
 
 from __future__ import annotations
@@ -125,6 +127,8 @@ def _llamacpp_event(ev: dict[str, Any], st: StreamState) -> dict[str, Any]:
         if "tokens_predicted" in ev:
             st.usage = {"completion_tokens": ev["tokens_predicted"],
                         "prompt_tokens": ev.get("tokens_evaluated")}
+            if ev.get("tokens_cached") is not None:
+                st.usage["prompt_tokens_details"] = {"cached_tokens": ev["tokens_cached"]}
     return {"choices": [choice]}
 
 
@@ -152,6 +156,11 @@ def stream_record(
         extra["output_tokens_source"] = "usage"
     if st.finish_reason is not None:
         extra["finish_reason"] = st.finish_reason
+    details = usage.get("prompt_tokens_details")
+    if isinstance(details, dict) and details.get("cached_tokens") is not None:
+        # prompt tokens the server's prefix cache already held (vLLM with
+        # --enable-prompt-tokens-details, OpenAI); absent where the server does not say
+        extra["cached_prompt_tokens"] = int(details["cached_tokens"])
     return RequestRecord(
         index=req.index, prompt=req.prompt, text="".join(st.text),
         prompt_tokens=int(usage.get("prompt_tokens") or req.prompt_tokens),

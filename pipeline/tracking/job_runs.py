@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pipeline.metrics.turns import RATIO_KEY, last_turn_over_first, turn_metrics, turn_table
 from pipeline.records import JobResult
 from pipeline.tracking.store import client_for
 
@@ -99,6 +100,18 @@ def _log_generations(client: Any, run_id: str, requests: list[dict[str, Any]]) -
     }, artifact_file="generations.json")
 
 
+def _log_turns(client: Any, run_id: str, result: JobResult) -> None:
+    """A multi-turn workload's per-turn figures as curves (``turn.*``, turn t at step t),
+    and the last turn's TTFT p50 over the first's; nothing for other workloads."""
+    table = turn_table(result.requests)
+    if not table:
+        return
+    for row in table:
+        log_metrics(client, run_id, metrics=turn_metrics(row), step=int(row["turn"]))
+    if RATIO_KEY not in result.metrics:  # already among the job's metrics: logged above
+        log_metrics(client, run_id, metrics={RATIO_KEY: last_turn_over_first(table)})
+
+
 def log_job(cfg: Any, result: JobResult | Mapping[str, Any], job_dir: Path,
             parent_run_id: str | None, params: Mapping[str, Any]) -> str:
     """Log one job as an MLflow run (a child when ``parent_run_id`` is given); returns the
@@ -125,6 +138,7 @@ def log_job(cfg: Any, result: JobResult | Mapping[str, Any], job_dir: Path,
 
             for point in result.load_points:
                 log_metrics(client, run_id, metrics=curve_metrics(point), step=point["index"])
+        _log_turns(client, run_id, result)
         for f in ("results.json", "config.yaml", "error.txt", "server.log"):
             if (job_dir / f).is_file():
                 client.log_artifact(run_id, str(job_dir / f))

@@ -126,6 +126,13 @@ def check_context(spec: Config) -> None:
 
         check_trace_context(spec.workload, ctx, what)
         return
+    if spec.workload.source == "conversations":  # the full bound is checked once the
+        from pipeline.workload.conversations import (  # tokenizer renders the history
+            check_synthetic_conversation_context,
+        )
+
+        check_synthetic_conversation_context(spec.workload, ctx, what)
+        return
     (in_key, n_in, in_how), (out_key, n_out) = length_needs(spec)
     if n_in + n_out <= ctx:
         return

@@ -18,6 +18,7 @@ from pipeline.errors import ConfigError
 if TYPE_CHECKING:
     from pipeline.config import Config, ModelConfig
     from pipeline.records import Request
+    from pipeline.workload.conversations import Conversation
 
 #: how prompts were rendered, as the applied settings say it
 CHAT_TEMPLATE, PLAIN = "chat_template", "plain"
@@ -26,11 +27,14 @@ CHAT_TEMPLATE, PLAIN = "chat_template", "plain"
 @dataclass
 class PreparedRequests:
     """The model folder every backend loads, the requests built in its tokenizer, and
-    how their prompts were rendered (:data:`CHAT_TEMPLATE` or :data:`PLAIN`)."""
+    how their prompts were rendered (:data:`CHAT_TEMPLATE` or :data:`PLAIN`); with
+    ``workload.source=conversations`` the conversations too (the requests are their first
+    turns)."""
 
     model_dir: str
     requests: list[Request]
     prompt_rendering: str
+    conversations: list[Conversation] | None = None
 
 
 def load_tokenizer(model_dir: str, model: ModelConfig) -> Any:
@@ -77,6 +81,8 @@ def prepare_requests(spec: Config, prompts: list[Any]) -> PreparedRequests:
 
     model_dir = resolve_model(spec.model, Path(spec.paths.cache_dir).resolve())
     tokenizer = load_tokenizer(model_dir, spec.model)
+    if spec.workload.source == "conversations":
+        return _prepare_conversations(spec, model_dir, tokenizer)
     if spec.workload.source == "trace":
         from pipeline.workload.trace import trace_requests
 
@@ -90,3 +96,27 @@ def prepare_requests(spec: Config, prompts: list[Any]) -> PreparedRequests:
     check_request_lengths(spec, requests)
     check_reference_metrics(spec, requests)
     return PreparedRequests(model_dir, requests, CHAT_TEMPLATE if template else PLAIN)
+
+
+def _prepare_conversations(spec: Config, model_dir: str, tokenizer: Any) -> PreparedRequests:
+    """Conversations: built in the tokenizer, their first turns as the requests, and every
+    turn's upper bound (earlier answers at their longest) checked against the context."""
+    from pipeline.workload.conversations import (
+        check_conversation_context,
+        first_turn_requests,
+        load_conversations,
+    )
+    from pipeline.workload.limits import context_limit
+
+    if not getattr(tokenizer, "chat_template", None):  # it renders the history
+        raise ConfigError(
+            f"workload.source='conversations' is invalid for model "
+            f"{spec.model.path or spec.model.name}: its tokenizer has no chat template to "
+            f"render a conversation's history with; use a chat model")
+    convs = load_conversations(spec, tokenizer)
+    limit = context_limit(spec)
+    if limit is not None:
+        check_conversation_context(convs, tokenizer, spec.workload, limit[0], limit[1])
+    requests = first_turn_requests(convs, tokenizer)
+    check_reference_metrics(spec, requests)
+    return PreparedRequests(model_dir, requests, CHAT_TEMPLATE, convs)

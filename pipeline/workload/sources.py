@@ -1,6 +1,7 @@
 """The one entry point to a workload's prompts, whatever their source: a trace's lines
-(:mod:`.trace`), or inline prompts, prompt files and synthetic placeholders
-(:mod:`.prompts`). ``pipeline.workload.load_prompts`` is this function."""
+(:mod:`.trace`), conversations' turns (:mod:`.conversations`), or inline prompts, prompt
+files and synthetic placeholders (:mod:`.prompts`). ``pipeline.workload.load_prompts`` is
+this function."""
 
 from __future__ import annotations
 
@@ -14,7 +15,12 @@ if TYPE_CHECKING:
 def load_prompts(w: WorkloadConfig) -> list[Prompt]:
     """The workload's prompts before tokenization (see
     :func:`pipeline.workload.prompts.load_prompts`); with ``source=trace`` one placeholder
-    per replayed line, its id ``line N``, built into token ids once the tokenizer loads."""
+    per replayed line, its id ``line N``, built into token ids once the tokenizer loads;
+    with ``source=conversations`` one placeholder per turn (``<conversation> turn <k>``)."""
+    if w.source == "conversations":
+        from pipeline.workload.conversations import conversation_prompts
+
+        return conversation_prompts(w)
     if w.source == "trace":
         from pipeline.workload.trace import trace_prompts
 

@@ -158,6 +158,8 @@ class VLLMServerBackend(VLLMPlugins, OpenAIBackend):
             # sends every field anyway, this keeps unsent ones from differing silently.
             "--generation-config", "vllm",
             "--disable-uvicorn-access-log",
+            # usage then says how many prompt tokens the prefix cache held (cheap)
+            "--enable-prompt-tokens-details",
         ]
         if c.quantization:
             cmd += ["--quantization", c.quantization]
@@ -269,6 +271,19 @@ class VLLMServerBackend(VLLMPlugins, OpenAIBackend):
             self._check_server("during the run", e.records)
             raise
         self._check_server("during the run", records)
+        return records
+
+    def serve_conversations(self, spec: Config, conversations: list, tokenizer: Any,
+                            sent: list[Request] | None = None) -> list[RequestRecord]:
+        """As :meth:`OpenAIBackend.serve_conversations`, with :meth:`serve`'s guard: a
+        server that is (or goes) down fails the job with the end of its log."""
+        self._check_server("before the conversations began")
+        try:
+            records = super().serve_conversations(spec, conversations, tokenizer, sent)
+        except ServingFailed as e:
+            self._check_server("during the conversations", e.records)
+            raise
+        self._check_server("during the conversations", records)
         return records
 
     def _check_server(self, when: str, records: list[RequestRecord] | None = None) -> None:
