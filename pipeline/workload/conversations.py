@@ -22,14 +22,12 @@ tokenizer.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import ConfigError
+from pipeline.workload.line_files import read_lines_file, refusal
 
 if TYPE_CHECKING:
     from pipeline.config import Config, WorkloadConfig
@@ -70,7 +68,7 @@ class Conversation:
 
 
 def _bad(path: str, why: str) -> ConfigError:
-    return ConfigError(f"workload.conversations_file={path!r} is invalid: {why}")
+    return refusal("conversations_file", path, why)
 
 
 def _parse_line(obj: Any, line: int, number: int, path: str) -> Conversation:
@@ -125,32 +123,12 @@ def _parse(path: str, text: str) -> tuple[Conversation, ...]:
     return tuple(out)
 
 
-@lru_cache(maxsize=8)
-def _read(path: str, mtime_ns: int, size: int) -> tuple[Conversation, ...]:
-    # keyed on the file's stat too: validation, placeholders and requests share one parse
-    try:
-        text = Path(path).read_text("utf-8")
-    except UnicodeDecodeError as e:
-        raise _bad(path, f"is not UTF-8 text ({e.reason} at byte {e.start})") from e
-    except OSError as e:
-        raise _bad(path, f"cannot be read ({e.strerror})") from e
-    return _parse(path, text)
-
-
 def read_conversations(path: str, max_bytes: int) -> tuple[Conversation, ...]:
     """Every conversation of a ShareGPT-style ``.jsonl`` file, checked line by line
     (speakers, their order, non-empty values); refusals name the line and the field."""
-    p = Path(path).expanduser()
-    if p.suffix != ".jsonl":
-        raise _bad(path, "must end in .jsonl (one ShareGPT-style conversation a line)")
-    if not p.is_file():
-        raise _bad(path, "no such file" if not p.exists() else "is not a regular file")
-    if not os.access(p, os.R_OK):
-        raise _bad(path, "cannot be read (permission denied)")
-    st = p.stat()
-    if st.st_size > max_bytes:
-        raise _bad(path, f"is {st.st_size} bytes, above workload.max_file_bytes={max_bytes}")
-    return _read(str(p), st.st_mtime_ns, st.st_size)
+    return read_lines_file("conversations_file", path, (".jsonl",),
+                           ".jsonl (one ShareGPT-style conversation a line)", max_bytes,
+                           _parse)
 
 
 def file_conversations(w: WorkloadConfig) -> list[Conversation]:

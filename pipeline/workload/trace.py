@@ -29,13 +29,11 @@ import hashlib
 import io
 import json
 import math
-import os
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import ConfigError
+from pipeline.workload.line_files import read_lines_file, refusal
 
 if TYPE_CHECKING:
     from pipeline.config import Config, WorkloadConfig
@@ -69,7 +67,7 @@ class TraceRow:
 
 
 def _bad(path: str, why: str) -> ConfigError:
-    return ConfigError(f"workload.trace_file={path!r} is invalid: {why}")
+    return refusal("trace_file", path, why)
 
 
 def _int(value: Any, field: str, where: str, path: str, lo: int) -> int:
@@ -161,34 +159,11 @@ def _parse(path: str, text: str) -> tuple[TraceRow, ...]:
     return tuple(rows)
 
 
-@lru_cache(maxsize=8)
-def _read(path: str, mtime_ns: int, size: int) -> tuple[TraceRow, ...]:
-    # keyed on the file's stat too: validation, the limits and the requests share one parse
-    try:
-        text = Path(path).read_text("utf-8")
-    except UnicodeDecodeError as e:
-        raise _bad(path, f"is not UTF-8 text ({e.reason} at byte {e.start})") from e
-    except OSError as e:
-        raise _bad(path, f"cannot be read ({e.strerror})") from e
-    return _parse(path, text)
-
-
 def read_trace(path: str, max_bytes: int) -> tuple[TraceRow, ...]:
     """Every request of the trace file, checked line by line (fields, integer lengths,
     Mooncake's block count, sorted timestamps); refusals name the line."""
-    p = Path(path).expanduser()
-    if p.suffix not in TRACE_SUFFIXES:
-        raise _bad(path, "must end in .jsonl (Mooncake's format) or .csv")
-    if not p.is_file():
-        raise _bad(path, "no such file" if not p.exists() else "is not a regular file")
-    if not os.access(p, os.R_OK):
-        raise _bad(path, "cannot be read (permission denied)")
-    st = p.stat()
-    if st.st_size == 0:
-        raise _bad(path, "is empty")
-    if st.st_size > max_bytes:
-        raise _bad(path, f"is {st.st_size} bytes, above workload.max_file_bytes={max_bytes}")
-    return _read(str(p), st.st_mtime_ns, st.st_size)
+    return read_lines_file("trace_file", path, TRACE_SUFFIXES,
+                           ".jsonl (Mooncake's format) or .csv", max_bytes, _parse)
 
 
 def select(rows: tuple[TraceRow, ...], window: list[float] | None,
