@@ -218,7 +218,8 @@ def _execute(spec: Config, prepared: PreparedRequests, timer: PhaseTimer, result
         with timer.phase("load"):
             backend.load()
         timer.sync = backend.sync
-        records, metrics = measure(backend, spec, requests, timer, results.load_points)
+        records, metrics = measure(backend, spec, requests, timer, results.load_points,
+                                   prepared.conversations)
         if not any(r.ok for r in records):
             raise RuntimeError(f"every request failed; first error: {records[0].error}")
         with timer.phase("scoring"):

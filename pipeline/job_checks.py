@@ -72,7 +72,7 @@ def check_memory_before_load(spec: Config, model_dir: str, requests: list[Reques
     p = plan(spec, decisions, arch, requests) if arch else None
     if p is None:
         return None
-    if hasattr(spec.backend, "enforce_eager"):  # a vLLM engine: its share of the card
+    if spec.backend.reserves_gpu_share:  # a vLLM engine: its share of the card
         check_plan(p, hw, spec)
         return p
     gpu_memory.free_gpu_for(backend_class(spec.backend.impl), "cuda")

@@ -21,13 +21,18 @@ log = logging.getLogger(__name__)
 
 
 def measure(backend: Backend, spec: Config, requests: list, timer: PhaseTimer,
-            load_points: list | None = None) -> tuple[list[RequestRecord], dict[str, float]]:
+            load_points: list | None = None, conversations: list | None = None
+            ) -> tuple[list[RequestRecord], dict[str, float]]:
     """Warm up, then run the measured phase ``repeats`` times; return the first repeat's
     records (the generations that get scored) and the performance metrics. A load
-    profile (online only) runs its points instead and appends them to ``load_points``."""
+    profile (online only) runs its points instead and appends them to ``load_points``;
+    ``workload.source=conversations`` runs the prepared ``conversations``."""
     w = spec.workload
     if w.source == "conversations":  # validation: online backends, profile=fixed
-        return measure_conversations(backend, spec, requests, timer)
+        if conversations is None:
+            raise ValueError("workload.source=conversations: pass the prepared "
+                             "conversations (PreparedRequests.conversations)")
+        return measure_conversations(backend, spec, requests, timer, conversations)
     if backend.online and w.profile != "fixed":
         from pipeline.serving.runner import run_profile
 
@@ -107,8 +112,8 @@ def measure(backend: Backend, spec: Config, requests: list, timer: PhaseTimer,
     return first, metrics
 
 
-def measure_conversations(backend: Any, spec: Config, requests: list, timer: PhaseTimer
-                          ) -> tuple[list[RequestRecord], dict[str, float]]:
+def measure_conversations(backend: Any, spec: Config, requests: list, timer: PhaseTimer,
+                          convs: list) -> tuple[list[RequestRecord], dict[str, float]]:
     """Warm up (the first turn of the first conversation), then run the conversations once
     (the online backend's ``serve_conversations``) under the engine's own metrics; return
     every turn's record and the job's metrics: latencies, output rate, ``conversations``,
@@ -117,11 +122,9 @@ def measure_conversations(backend: Any, spec: Config, requests: list, timer: Pha
     record's request (its whole history)."""
     from pipeline.metrics.turns import RATIO_KEY, last_turn_over_first, turn_table
     from pipeline.serving.engine_metrics import EngineSampler
-    from pipeline.workload.conversations import load_conversations
 
     w = spec.workload
     gen = dict(max_new_tokens=w.max_new_tokens, fixed_length=w.fixed_length)
-    convs = load_conversations(spec, backend.tokenizer)  # as prepared: same seed and files
     with timer.phase("warmup"):
         for _ in range(w.warmup):
             backend.serve(requests[:1], spec.decoding, send_at=[0.0], concurrency=1,

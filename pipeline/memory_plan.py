@@ -188,7 +188,7 @@ def plan(spec: Config, decisions: Decisions, arch: Architecture, requests: list[
     if scorer_dtype and not _scorer_is_model(spec, dtype, scorer_dtype):
         scorer = params * DTYPE_BYTES[scorer_dtype]
     ctx = CUDA_CONTEXT_BYTES if hw.cuda else 0
-    if hasattr(spec.backend, "enforce_eager"):  # vLLM: its share of the card
+    if spec.backend.reserves_gpu_share:  # vLLM: its share of the card
         kv = arch.kv_bytes(dtype, spec.backend.max_model_len, 1)
         p = MemoryPlan({"weights": weights, "KV cache (1 x max_model_len)": kv})
         if hw.memory_bytes:
@@ -237,7 +237,7 @@ def check_plan(p: MemoryPlan, hw: Hardware, spec: Config) -> None:
     weights_alone = p.items.get("weights", 0) > (p.budget or 0)
     if weights_alone:
         fix = "a card with more memory, a smaller model or a half-precision dtype"
-    elif hasattr(spec.backend, "enforce_eager"):  # vLLM: one max_model_len sequence's KV
+    elif spec.backend.reserves_gpu_share:  # vLLM: one max_model_len sequence's KV
         fix = ("a smaller backend.max_model_len, a higher backend.gpu_memory_utilization, "
                "or a card with more memory")
     else:

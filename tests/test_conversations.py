@@ -267,7 +267,8 @@ def test_turns_carry_generated_history_and_hit_the_prefix_cache(
     monkeypatch.setattr(stream, "on_event", spy)
     requests = list(prepared.requests)
     block = caching_server.server.info["block_size"]
-    recs, metrics = measure(caching_server, spec, requests, PhaseTimer())
+    recs, metrics = measure(caching_server, spec, requests, PhaseTimer(),
+                            conversations=prepared.conversations)
     assert [r.error for r in recs] == [None] * 6
     assert metrics["conversations"] == 2 and metrics["conversation_turns_completed"] == 6
     assert [r.index for r in recs] == list(range(6))
@@ -335,7 +336,8 @@ def test_the_chat_api_sends_each_turn_as_its_messages(caching_server: Any) -> No
     backend.load()
     requests = list(prepared.requests)
     try:
-        recs, _ = measure(backend, spec, requests, PhaseTimer())
+        recs, _ = measure(backend, spec, requests, PhaseTimer(),
+                          conversations=prepared.conversations)
     finally:
         backend.close()
     assert [(r.error, r.extra["turn"], r.output_tokens) for r in recs] == [

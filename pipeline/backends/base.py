@@ -48,6 +48,10 @@ class BackendConfig:
     """``module:Class`` of the :class:`Backend` subclass that runs these settings, set by
     the yaml; the class is imported only when a config uses it. Required."""
 
+    #: the engine takes a fixed share of the card (``gpu_memory_utilization``, vLLM) and
+    #: fits its KV cache inside it, so its memory is planned as that share, not as a sum
+    reserves_gpu_share: ClassVar[bool] = False
+
 
 #: what a field is to the gate (pipeline/gate.py), see :class:`Setting`
 ROLES = ("task", "optimization", "bookkeeping")

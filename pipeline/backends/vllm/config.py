@@ -10,7 +10,7 @@ imports vLLM or torch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from pipeline import hardware
 from pipeline.backends.base import (
@@ -31,6 +31,8 @@ from pipeline.devices import resolve_dtype_name
 @dataclass
 class VLLMSettings(BackendConfig):
     """The engine settings both vLLM backends take (``backend.*``)."""
+
+    reserves_gpu_share: ClassVar[bool] = True  # gpu_memory_utilization of the card
 
     dtype: str | None = None
     """Weights and activations dtype: float32 | bfloat16 | float16 | auto; null means
