@@ -82,11 +82,7 @@ def track(spec: Config, results: JobResult, job_dir: Path, sweep_dir: Path | Non
               "without its sweep's parent run (is paths.output_dir absolute and shared?)",
               file=sys.stderr)
     try:
-        from pipeline.job_measure import recorded_params
-
-        # the price used and the energy counter go beside the config's own params
-        params = {**flatten(spec), **recorded_params(spec, results.metrics)}
-        run_id = log_job(spec, results, job_dir, parent, params)
+        run_id = log_job(spec, results, job_dir, parent, flatten(spec))
         results.mlflow_run_id = run_id
     except Exception as e:
         print(f"warning: MLflow logging failed ({str(e).splitlines()[0] if str(e) else e!r}); "

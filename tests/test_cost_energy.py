@@ -181,3 +181,14 @@ def test_priced_plain_job_logs_cost_and_no_made_up_energy(priced_job: tuple[Path
     else:
         assert not logged and "energy_source" not in run.data.params
         assert energy.NOT_MEASURED in part
+    # logged again after the fact (pipeline.tracking.sync), the price travels with it
+    import shutil
+
+    from pipeline.tracking.sync import sync
+
+    copy = shutil.copytree(res_file.parent, out / "synced_copy")  # the module's job untouched
+    other = f"sqlite:///{out / 'synced.db'}"
+    (synced,) = sync(copy, tracking_uri=other, force=True)
+    params = MlflowClient(tracking_uri=other).get_run(synced).data.params
+    assert params["cost.usd_per_hour_used"] == "1.2"
+    assert params["cost.price_source_used"] == "Colab Pro L4 list price"

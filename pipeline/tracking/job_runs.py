@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pipeline.measure import energy
+from pipeline.metrics import cost
 from pipeline.metrics.turns import RATIO_KEY, last_turn_over_first, turn_metrics, turn_table
 from pipeline.records import JobResult
 from pipeline.tracking.store import client_for
@@ -112,6 +114,10 @@ def _log_turns(client: Any, run_id: str, result: JobResult) -> None:
         log_metrics(client, run_id, metrics={RATIO_KEY: last_turn_over_first(table)})
 
 
+#: applied settings that are also the run's params
+RECORDED_PARAMS = (cost.PRICE_PARAM, cost.SOURCE_PARAM, energy.SOURCE_PARAM)
+
+
 def log_job(cfg: Any, result: JobResult | Mapping[str, Any], job_dir: Path,
             parent_run_id: str | None, params: Mapping[str, Any]) -> str:
     """Log one job as an MLflow run (a child when ``parent_run_id`` is given); returns the
@@ -125,6 +131,11 @@ def log_job(cfg: Any, result: JobResult | Mapping[str, Any], job_dir: Path,
     if result.resumed_from:
         tags["resumed_from"] = result.resumed_from
     params = dict(params)
+    # what the job used beside its config (the price of its cost figures and where it came
+    # from, the energy counter read): applied settings, params too, also when synced later
+    for key in RECORDED_PARAMS:
+        if result.applied.get(key) is not None:
+            params.setdefault(key, result.applied[key])
     if "applied.dtype" in tags:
         params.setdefault("applied.dtype", tags["applied.dtype"])
     # the job's own start and end, so the UI's duration is the job's, not the logging's
