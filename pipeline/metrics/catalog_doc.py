@@ -44,11 +44,14 @@ Besides metrics, each run carries **params** (the flattened resolved config, suc
 _GROUP_NOTES = {
     "serving points": (
         "With a load profile (`workload.profile=sweep|slo_search|ramp`) a job runs a curve "
-        "of points. Its job-level figures are the first rows below; each point's figures "
+        "of points; a replayed trace (`profile=trace`) is one point. Its job-level figures "
+        "are the first rows below; each point's figures "
         "go to MLflow as `load.<key>` series with step = the point's index, and to "
         "results.json's `load_points` (the same keys without `load.`, plus the point's "
         "kind, concurrency, SLO values and the reasons a point is invalid or saturated). "
-        "The latency families of the latency group are then per point only."),
+        "The latency families of the latency group are then per point only (a trace logs "
+        "them for the job too). Multi-turn conversations (`workload.source=conversations`) "
+        "add `turn.<key>` series with step = the turn number, computed from the records."),
     "gate": (
         "On each optimized job of a sweep that has its baseline (same model, prompts and "
         "decoding without the optimization), logged when the sweep ends; the verdict and "
