@@ -113,9 +113,24 @@ def varying_overrides(jobs: list[JobRun]) -> dict[str, str]:
 
 
 def short_label(job: JobRun, overrides: str) -> str:
-    """A plot label: the job number and the swept values (``0 greedy``)."""
-    vals = [t.split("=", 1)[1] if "=" in t else t for t in overrides.split()]
+    """A plot label: the job number and the swept values (``0 greedy``); a value that
+    does not say what it sets (a number, true/false, null) keeps the last part of its key
+    (``1 enable_prefix_caching=true``, ``2 batch_size=8``)."""
+    vals = []
+    for t in overrides.split():
+        key, sep, val = t.partition("=")
+        bare = val.lower() in ("true", "false", "null", "none") or _is_number(val)
+        vals.append(f"{key.rsplit('.', 1)[-1].lstrip('+')}={val}" if sep and bare
+                    else val if sep else t)
     return f"{job.job} {' '.join(vals)}".strip()
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def select_job(jobs: list[JobRun], selector: str | None) -> JobRun:
