@@ -440,6 +440,29 @@ def test_openai_backend_on_the_same_server(server: Any, requests_: list[Request]
 
 
 @pytest.mark.slow
+def test_openai_backend_checks_each_request_against_the_servers_context(
+        server: Any, requests_: list[Request], model_dir: str) -> None:
+    from dataclasses import replace
+
+    from pipeline.backends.openai import OpenAIBackend
+
+    ext = OpenAIBackend(model_dir, ModelConfig(),
+                        OpenAIBackendConfig(base_url=server.base_url, vllm_extensions=True), 0)
+    ext.load()
+    # 500 prompt tokens with their own 8-token output fit the server's 512; the job's
+    # 32 would not, and a request without its own length gets the job's
+    ids = tuple(requests_[0].prompt_token_ids) * (500 // len(requests_[0].prompt_token_ids) + 1)
+    long = replace(requests_[0], prompt_token_ids=ids[:500], max_new_tokens=8)
+    (rec,) = ext.serve([long], DecodingConfig(), 32, True, [0.0], 1, 120.0)
+    assert rec.ok and rec.prompt_tokens == 500 and rec.output_tokens == 8, rec.error
+    with pytest.raises(ConfigError, match=r"500 prompt tokens \+ 32 output tokens = 532 "
+                                          r"tokens exceeds backend openai's max_model_len "
+                                          r"of 512"):
+        ext.serve([replace(long, max_new_tokens=None)], DecodingConfig(), 32, True, [0.0], 1,
+                  120.0)
+
+
+@pytest.mark.slow
 def test_jobs_with_the_same_settings_reuse_the_server(server: Any, model_dir: str) -> None:
     from pipeline.backends.vllm.server import VLLMServerBackend, running_servers
 

@@ -256,15 +256,15 @@ class OpenAIBackend(Backend):
         return body
 
     def _check_length(self, requests: list[Request], max_new_tokens: int) -> None:
+        """Each prompt plus its own output length (``Request.max_new_tokens``, else the
+        batch's) must fit the context the server reports (``max_model_len``, vLLM and
+        SGLang list it at ``/models``)."""
+        from pipeline.workload.limits import check_requests_fit
+
         limit = self.server_model_info.get("max_model_len")
-        if not limit or self.prompt_format() != "token_ids":
-            return
-        longest = max(len(r.prompt_token_ids) for r in requests)
-        if longest + max_new_tokens > int(limit):
-            raise ConfigError(
-                f"backend {self.name}: the server's max_model_len={limit} is too small for a "
-                f"{longest}-token prompt plus workload.max_new_tokens={max_new_tokens}"
-            )
+        if limit and self.prompt_format() == "token_ids":  # else the count is the server's
+            check_requests_fit(requests, max_new_tokens, int(limit),
+                               f"backend {self.name}'s max_model_len of {limit}")
 
     def serve(
         self, requests: list[Request], decoding: DecodingConfig, max_new_tokens: int,

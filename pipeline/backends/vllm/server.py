@@ -53,7 +53,6 @@ from pipeline.errors import ConfigError
 from pipeline.gpu_memory import prepare_gpu_for_engine
 from pipeline.records import Request, RequestRecord
 from pipeline.serving.http_json import http_get_json
-from pipeline.workload.limits import check_requests_fit
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -248,14 +247,6 @@ class VLLMServerBackend(VLLMPlugins, OpenAIBackend):
             (self._job_dir / JOB_LOG_NAME).write_bytes(data)
 
     # ------------------------------------------------------------------ requests
-
-    def _check_length(self, requests: list[Request], max_new_tokens: int) -> None:
-        """Each prompt plus its own output length (``Request.max_new_tokens``, else the
-        batch's) must fit the server's context."""
-        limit = self.server_model_info.get("max_model_len")
-        if limit and self.prompt_format() == "token_ids":  # else the count is the server's
-            check_requests_fit(requests, max_new_tokens, int(limit),
-                               f"backend {self.name}'s max_model_len of {limit}")
 
     def serve(
         self, requests: list[Request], decoding: DecodingConfig, max_new_tokens: int,
