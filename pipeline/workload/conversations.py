@@ -21,13 +21,12 @@ tokenizer.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import ConfigError
-from pipeline.workload.line_files import read_lines_file, refusal
+from pipeline.workload.line_files import json_lines, read_lines_file, refusal
 
 if TYPE_CHECKING:
     from pipeline.config import Config, WorkloadConfig
@@ -110,13 +109,7 @@ def _parse_line(obj: Any, line: int, number: int, path: str) -> Conversation:
 
 def _parse(path: str, text: str) -> tuple[Conversation, ...]:
     out: list[Conversation] = []
-    for line, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise _bad(path, f"line {line}: not valid JSON ({e.msg})") from e
+    for line, obj in json_lines("conversations_file", path, text):
         out.append(_parse_line(obj, line, len(out) + 1, path))
     if not out:
         raise _bad(path, "holds no conversation")

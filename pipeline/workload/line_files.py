@@ -4,11 +4,12 @@ the file. Parsing the lines is each format's own (:mod:`.trace`, :mod:`.conversa
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pipeline.errors import ConfigError
 
@@ -40,6 +41,18 @@ def read_lines_file(key: str, path: str, suffixes: Sequence[str], what: str,
         raise refusal(key, path, f"is {st.st_size} bytes, above "
                                  f"workload.max_file_bytes={max_bytes}")
     return _parsed(key, str(p), st.st_mtime_ns, st.st_size, parse)
+
+
+def json_lines(key: str, path: str, text: str) -> Iterator[tuple[int, Any]]:
+    """(line number from 1, decoded value) of each non-blank line of a ``.jsonl`` text; a
+    line that is not JSON is refused naming it."""
+    for line, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            yield line, json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise refusal(key, path, f"line {line}: not valid JSON ({e.msg})") from e
 
 
 @lru_cache(maxsize=16)

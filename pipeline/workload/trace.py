@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import ConfigError
-from pipeline.workload.line_files import read_lines_file, refusal
+from pipeline.workload.line_files import json_lines, read_lines_file, refusal
 
 if TYPE_CHECKING:
     from pipeline.config import Config, WorkloadConfig
@@ -141,13 +141,7 @@ def _parse(path: str, text: str) -> tuple[TraceRow, ...]:
         for obj in reader:
             rows.append(_row(obj, reader.line_num, path))
     else:
-        for line, raw in enumerate(text.splitlines(), start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise _bad(path, f"line {line}: not valid JSON ({e.msg})") from e
+        for line, obj in json_lines("trace_file", path, text):
             rows.append(_row(obj, line, path))
     if not rows:
         raise _bad(path, "holds no request")
