@@ -94,8 +94,7 @@ def measure(backend: Backend, spec: Config, requests: list, timer: PhaseTimer,
         metrics["peak_concurrency"] = float(performance.peak_concurrency(all_records))
     else:
         metrics.update(performance.batch_phase_metrics(all_records))
-    slo = {k: v for k, v in (("ttft_ms", w.slo_ttft_ms), ("tpot_ms", w.slo_tpot_ms),
-                             ("e2el_ms", w.slo_e2el_ms)) if v is not None}
+    slo = performance.slo_bounds(w)
     metrics.update(performance.goodput(all_records, sum(walls), slo))
     if w.repeats > 1:
         mean, half = performance.mean_ci95(per_repeat)
@@ -148,8 +147,7 @@ def measure_conversations(backend: Any, spec: Config, requests: list, timer: Pha
                "conversation_turns_completed": float(sum(r.ok for r in records)),
                "measured_wall_s": wall, "peak_rss_bytes": float(mem.peak_bytes),
                "peak_rss_sampled": float(mem.method == "sampled")}
-    slo = {k: v for k, v in (("ttft_ms", w.slo_ttft_ms), ("tpot_ms", w.slo_tpot_ms),
-                             ("e2el_ms", w.slo_e2el_ms)) if v is not None}
+    slo = performance.slo_bounds(w)
     metrics.update(performance.goodput(records, wall, slo))
     ratio = last_turn_over_first(turn_table(records))
     if ratio is not None:  # what the grown history costs the first token

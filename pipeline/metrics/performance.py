@@ -11,6 +11,7 @@ import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from itertools import pairwise
+from typing import Any
 
 import numpy as np
 
@@ -224,6 +225,13 @@ def _meets_slo(r: RequestRecord, slo: Mapping[str, float], dialect: str = "send"
         if value * 1000.0 > limit_ms:
             return False
     return True
+
+
+def slo_bounds(w: Any) -> dict[str, float]:
+    """The workload's SLOs that are set, keyed as :func:`goodput` reads them (``ttft_ms``,
+    ``tpot_ms``, ``e2el_ms``); ``w`` is a ``WorkloadConfig``."""
+    return {k: v for k, v in (("ttft_ms", w.slo_ttft_ms), ("tpot_ms", w.slo_tpot_ms),
+                              ("e2el_ms", w.slo_e2el_ms)) if v is not None}
 
 
 def goodput(

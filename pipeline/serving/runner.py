@@ -54,9 +54,7 @@ class ProfileRunner:
         self.spec = spec
         self.w = spec.workload
         self.requests = requests
-        self.slo = {k: v for k, v in (("ttft_ms", self.w.slo_ttft_ms),
-                                      ("tpot_ms", self.w.slo_tpot_ms),
-                                      ("e2el_ms", self.w.slo_e2el_ms)) if v is not None}
+        self.slo = performance.slo_bounds(self.w)
         self.limits = {"max_client_cpu_percent": self.w.max_client_cpu_percent,
                        "max_dispatch_lag_ms": self.w.max_dispatch_lag_ms,
                        "saturation_rate_ratio": self.w.saturation_rate_ratio}

@@ -241,8 +241,8 @@ def turn_messages(conv: Conversation, answers: Sequence[str], k: int) -> list[di
 
 def render_messages(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of ``messages`` as the model sees them: the chat template with the
-    generation prompt, tokenized without adding special tokens (the template holds them),
-    as :func:`pipeline.workload.prompts.render_prompt` renders one user turn."""
+    generation prompt, tokenized without adding special tokens (the template holds them);
+    :func:`pipeline.workload.prompts.render_prompt` renders a single prompt through it."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 

@@ -10,6 +10,7 @@ from pipeline.config import WorkloadConfig
 from pipeline.errors import ConfigError
 from pipeline.records import Request, RequestRecord
 from pipeline.workload.base import Prompt
+from pipeline.workload.conversations import render_messages
 from pipeline.workload.files import read_prompts_file
 from pipeline.workload.lengths import sample_lengths
 
@@ -54,10 +55,7 @@ def render_prompt(tokenizer: Any, prompt: str, use_chat_template: bool) -> list[
     """Token ids of ``prompt`` as the model sees it: wrapped in the tokenizer's chat
     template as one user turn when asked for and available, else tokenized plainly."""
     if use_chat_template and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return render_messages(tokenizer, [{"role": "user", "content": prompt}])
     return list(tokenizer(prompt)["input_ids"])
 
 
